@@ -1,0 +1,140 @@
+"""`align` command line: run, validate, status, rewards. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align", description="The alignment pipeline from one YAML recipe.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="validate a recipe, then run its stages (skipping finished ones)")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.sft.learning_rate=1e-4")
+    run.add_argument("--run-dir", type=Path, help="default: ./runs/<recipe name>")
+    run.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+
+    validate = sub.add_parser("validate", help="check a recipe whole; train nothing")
+    validate.add_argument("recipe", type=Path)
+    validate.add_argument("overrides", nargs="*")
+    validate.add_argument("--skip-model-check", action="store_true", help="do not look for model folders")
+
+    status = sub.add_parser("status", help="show a run directory's stages")
+    status.add_argument("run_dir", type=Path)
+
+    rewards = sub.add_parser("rewards", help="list or try reward rules")
+    rewards_sub = rewards.add_subparsers(dest="rewards_command", required=True)
+    rewards_sub.add_parser("list", help="names, parameters and descriptions of the built-in rules")
+    try_ = rewards_sub.add_parser("try", help="score one completion by hand")
+    try_.add_argument("name")
+    try_.add_argument("--completion", required=True)
+    try_.add_argument("--solution")
+    try_.add_argument("--param", action="append", default=[], metavar="K=V")
+    return parser
+
+
+def resolved_config(recipe: Any) -> dict[str, Any]:
+    """The recipe with every default filled in, as `--print-config` shows it."""
+    from align.runner import effective_config
+
+    header = recipe.header.model_dump(mode="json", exclude={"stages"})
+    stages = [effective_config(recipe, s).model_dump(mode="json") for s in recipe.stages]
+    return {**header, "stages": stages}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from align.recipe.validate import load_recipe
+    from align.runner import run_recipe, summary_table
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(resolved_config(recipe), sort_keys=False), end="")
+        return 0
+    run_dir = args.run_dir or recipe.default_run_dir()
+    print(f"[align] recipe {args.recipe} is valid ({len(recipe.stages)} stages); run dir: {run_dir}")
+    try:
+        manifest = run_recipe(recipe, run_dir)
+    except KeyboardInterrupt:
+        print("\n[align] interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception:
+        return 1
+    print("\n" + summary_table(manifest))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from align.recipe.validate import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides, check_models=not args.skip_model_check)
+    print(f"{args.recipe}: OK — {len(recipe.stages)} stages: " + ", ".join(f"{s.name} ({s.type})" for s in recipe.stages))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from align.artifacts import Manifest
+    from align.runner import summary_table
+
+    manifest = Manifest.read(args.run_dir)
+    if manifest is None:
+        print(f"{args.run_dir}: no manifest.json (not a run directory)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(summary_table(manifest))
+    return 0
+
+
+def _cmd_rewards(args: argparse.Namespace) -> int:
+    from align.recipe.loader import parse_scalar
+    from align.rewards import describe_rules, try_rule
+
+    if args.rewards_command == "list":
+        for rule in describe_rules():
+            params = ", ".join(f"{k}={v!r}" for k, v in rule["params"].items())
+            columns = f" [needs: {', '.join(rule['columns'])}]" if rule["columns"] else ""
+            print(f"{rule['name']:<22} {rule['description']}{columns}")
+            if params:
+                print(f"{'':<22}   params: {params}")
+        return 0
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"--param {item!r} is not of the form k=v", file=sys.stderr)
+            return EXIT_USER_ERROR
+        params[key] = parse_scalar(value)
+    print(try_rule(args.name, args.completion, args.solution, params))
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "status": _cmd_status, "rewards": _cmd_rewards}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from align.recipe.errors import RecipeError
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("ALIGN_LOG_LEVEL", "INFO"), format="%(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except RecipeError as err:
+        print(err.render(), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValueError as err:  # bad overrides, unknown rules in `rewards try`: user errors, not crashes
+        if os.environ.get("ALIGN_DEBUG"):
+            raise
+        print(f"align: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

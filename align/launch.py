@@ -1,0 +1,71 @@
+"""Starting a stage: in this process, in a fresh Python, or under `accelerate launch`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from align.recipe.errors import KeyPath
+from align.recipe.schema import LauncherSpec, StageConfig
+
+
+def launcher_problems(spec: LauncherSpec, base_dir: Path) -> list[tuple[KeyPath, str]]:
+    from align.recipe.validate import resolve_user_path
+
+    problems: list[tuple[KeyPath, str]] = []
+    if spec.type != "accelerate":
+        for key in ("config_file", "num_processes", "main_process_port"):
+            if getattr(spec, key) is not None:
+                problems.append(((key,), f"'{key}' only applies to launcher type 'accelerate'"))
+        return problems
+    if spec.config_file is not None:
+        path = resolve_user_path(spec.config_file, base_dir)
+        if not path.is_file():
+            problems.append((("config_file",), f"accelerate config not found: {spec.config_file}"))
+        else:
+            import yaml
+
+            try:
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as err:
+                problems.append((("config_file",), f"accelerate config {spec.config_file} is not valid YAML: {err}"))
+            else:
+                if not isinstance(loaded, dict) or "distributed_type" not in loaded:
+                    problems.append((("config_file",), f"{spec.config_file} lacks 'distributed_type'; is it an accelerate config?"))
+    return problems
+
+
+def stage_command(config: StageConfig, run_dir: Path, base_dir: Path) -> list[str]:
+    spec = config.launcher or LauncherSpec()
+    tail = ["-m", "align.stage_main", "--run-dir", str(run_dir.resolve()), "--stage", config.name,
+            "--base-dir", str(base_dir.resolve())]
+    if spec.type == "subprocess":
+        return [sys.executable, *tail]
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if spec.config_file:
+        from align.recipe.validate import resolve_user_path
+
+        command += ["--config_file", str(resolve_user_path(spec.config_file, base_dir))]
+    if spec.num_processes:
+        command += ["--num_processes", str(spec.num_processes)]
+    if spec.main_process_port:
+        command += ["--main_process_port", str(spec.main_process_port)]
+    return [*command, *spec.extra_args, *tail]
+
+
+def launch_stage(config: StageConfig, run_dir: Path, base_dir: Path) -> Any:
+    spec = config.launcher or LauncherSpec()
+    if spec.type == "inprocess":
+        from align.runner import execute_stage
+
+        return execute_stage(config, run_dir, base_dir)
+    env = dict(os.environ)
+    # Several ranks on few cores oversubscribe OpenMP badly (10–20× slower); one thread each unless told.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    completed = subprocess.run(stage_command(config, run_dir, base_dir), env=env, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"stage process exited with status {completed.returncode}")
+    return None

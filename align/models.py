@@ -1,0 +1,164 @@
+"""Model and tokenizer loading shared by every stage: embedded names, local folders, hub ids, PEFT
+adapters; device and dtype decisions; LoRA configs; saving loadable checkpoints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from align.recipe.schema import LoraSpec, ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def model_spec_problem(spec: ModelSpec, base_dir: Path) -> str | None:
+    """Why a model spec cannot be loaded, judged without the network; None when it looks loadable."""
+    from align.embedded import EMBEDDED_MODELS, is_embedded
+    from align.recipe.validate import resolve_user_path
+
+    name = spec.name_or_path
+    if is_embedded(name):
+        if name not in EMBEDDED_MODELS:
+            return f"unknown embedded model '{name}'; known: {', '.join(EMBEDDED_MODELS)}"
+        return None
+    path = resolve_user_path(name, base_dir)
+    if path.exists():
+        if not path.is_dir():
+            return f"model path {name} is a file; expected a Hugging Face model folder"
+        if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
+            return f"model folder {name} has no config.json or adapter_config.json"
+        return None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return f"model folder not found: {name}"
+    if not HUB_ID.match(name):
+        return f"'{name}' is neither an existing folder nor a hub id like 'org/model'"
+    return None  # a hub id: reachable or not is only known when it is downloaded
+
+
+def resolve_model_path(name_or_path: str, base_dir: Path | None = None) -> str:
+    """Embedded names become their built folder; local paths are made absolute; hub ids pass through."""
+    from align.embedded import embedded_model_path, is_embedded
+    from align.recipe.validate import resolve_user_path
+
+    if is_embedded(name_or_path):
+        return str(embedded_model_path(name_or_path))
+    path = resolve_user_path(name_or_path, base_dir or Path.cwd())
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def use_bf16(requested: bool | None) -> bool:
+    import torch
+
+    if requested is not None:
+        return requested
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def use_gradient_checkpointing(requested: bool | None) -> bool:
+    import torch
+
+    # TRL turns it on everywhere; on CPU (and for tiny models) it only costs time.
+    return requested if requested is not None else torch.cuda.is_available()
+
+
+def torch_dtype(spec: ModelSpec) -> torch.dtype | str:
+    import torch
+
+    if spec.dtype == "auto":
+        return torch.bfloat16 if use_bf16(None) else torch.float32
+    return getattr(torch, spec.dtype)
+
+
+def is_adapter(path: str) -> bool:
+    return Path(path, "adapter_config.json").exists()
+
+
+def load_tokenizer(spec: ModelSpec, path: str | None = None, padding_side: str = "left") -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    source = spec.tokenizer or path or resolve_model_path(spec.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def model_init_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec), "trust_remote_code": spec.trust_remote_code}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    return kwargs
+
+
+def load_causal_lm(
+    spec: ModelSpec, path: str | None = None, *, merge_adapter: bool = True, quantization: Any = None
+) -> PreTrainedModel:
+    """Load a causal LM; a PEFT adapter folder loads onto its base and, by default, is merged so the
+    caller gets a plain model to train further or generate from."""
+    from transformers import AutoModelForCausalLM
+
+    source = path or resolve_model_path(spec.name_or_path)
+    kwargs = model_init_kwargs(spec)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if is_adapter(source):
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(source, **kwargs)
+        return model.merge_and_unload() if merge_adapter else model
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def peft_config(lora: LoraSpec, task_type: str = "CAUSAL_LM") -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type=task_type,
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+    )
+
+
+def quantization_config(lora: LoraSpec | None) -> Any:
+    if lora is None or not lora.load_in_4bit:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: Path, *, merge: bool = False) -> None:
+    """Save a loadable checkpoint: a full model, or a PEFT adapter (merged into a full model if asked)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if merge and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))

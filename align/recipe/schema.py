@@ -1,0 +1,128 @@
+"""Typed pieces every recipe shares: the run header, model and dataset specs, LoRA, launchers, and the
+base every stage config extends. A stage type adds its own fields in `align/stages/<type>.py`."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]*$"
+REFERENCE = re.compile(r"^\$\{stages\.([A-Za-z][A-Za-z0-9_\-]*)\.([A-Za-z_]+)\}$")
+REFERENCE_ANYWHERE = re.compile(r"\$\{[^}]*\}")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Strict):
+    """Which model to load. `name_or_path` is a hub id, a local directory, an embedded name
+    (`align:tiny`, `align:tiny-student`) or a reference to an earlier stage (`${stages.sft.model}`)."""
+
+    name_or_path: str = Field(min_length=1)
+    revision: str | None = None
+    tokenizer: str | None = Field(default=None, description="Tokenizer path if it differs from the model's.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+class DataSpec(Strict):
+    """A dataset: an embedded task (`align:arithmetic`), a local .jsonl/.json/.parquet/.csv file or a
+    `save_to_disk` folder, a `datasets` hub name, or an earlier stage's dataset (`${stages.rs.dataset}`)."""
+
+    path: str = Field(min_length=1)
+    name: str | None = Field(default=None, description="Hub dataset config name.")
+    split: str = "train"
+    num_examples: PositiveInt | None = Field(
+        default=None, description="Keep the first N rows (embedded tasks: generate N rows)."
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="Embedded task parameters.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns on load: {old_name: new_name}."
+    )
+
+
+def _path_shorthand(key: str) -> BeforeValidator:
+    return BeforeValidator(lambda value: {key: value} if isinstance(value, str) else value)
+
+
+#: A dataset may be written as a bare path string: `dataset: data/train.jsonl`.
+Data = Annotated[DataSpec, _path_shorthand("path")]
+#: A model may be written as a bare name: `model: align:tiny` or `model: ${stages.sft.model}`.
+Model = Annotated[ModelSpec, _path_shorthand("name_or_path")]
+
+
+class LoraSpec(Strict):
+    """LoRA / QLoRA through PEFT; field names are PEFT's `LoraConfig` names."""
+
+    r: PositiveInt = 16
+    lora_alpha: PositiveInt = 32
+    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    load_in_4bit: bool = Field(default=False, description="QLoRA: quantise the frozen base to 4 bit (bitsandbytes, GPU).")
+    merge: bool = Field(default=False, description="Also save the adapter merged into the base as the stage's model.")
+
+
+class LauncherSpec(Strict):
+    """How a stage's process is started. `inprocess` runs it inside `align run`; `subprocess` in a fresh
+    Python; `accelerate` under `accelerate launch` (multi-GPU / DeepSpeed via `config_file`)."""
+
+    type: Literal["inprocess", "subprocess", "accelerate"] = "inprocess"
+    config_file: str | None = None
+    num_processes: PositiveInt | None = None
+    main_process_port: int | None = Field(default=None, ge=1, le=65535)
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class StageConfig(Strict):
+    """Fields every stage has. Stage types subclass this with their own typed fields."""
+
+    #: TRL config class whose remaining fields a stage accepts as-is (learning_rate, beta, …).
+    trl_config_class: ClassVar[str | None] = None
+    #: Keys of `trl_config_class` that align sets itself.
+    reserved_trl_keys: ClassVar[frozenset[str]] = frozenset(
+        {"output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "local_rank", "logging_dir"}
+    )
+
+    name: str = Field(pattern=NAME_PATTERN)
+    type: str
+    model: Model | None = Field(default=None, description="Defaults to the recipe's `model`.")
+    seed: int | None = Field(default=None, description="Defaults to the recipe's `seed`.")
+    launcher: LauncherSpec | None = Field(default=None, description="Defaults to the recipe's `launcher`.")
+
+
+class TrainingKnobs(BaseModel):
+    """The optimiser/scheduler knobs tuned most often, typed and bounded. Names are TRL's/transformers'
+    `TrainingArguments` names; every other field of the stage's TRL config is accepted as well."""
+
+    learning_rate: PositiveFloat = 2e-5
+    num_train_epochs: PositiveFloat = 1.0
+    max_steps: int = Field(default=-1, ge=-1, description="-1: run num_train_epochs.")
+    per_device_train_batch_size: PositiveInt = 8
+    gradient_accumulation_steps: PositiveInt = 1
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = Field(default=1.0, ge=0.0)
+    logging_steps: PositiveInt = 10
+    bf16: bool | None = Field(default=None, description="None: on when the GPU supports bf16, off on CPU.")
+    gradient_checkpointing: bool | None = Field(default=None, description="None: on for GPU, off on CPU.")
+
+
+class RecipeHeader(Strict):
+    """Run-level settings; `stages` is validated per stage type afterwards."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    seed: int = 0
+    run_dir: str | None = Field(default=None, description="Default: ./runs/<name>.")
+    model: Model
+    launcher: LauncherSpec = Field(default_factory=LauncherSpec)
+    stages: list[dict[str, Any]] = Field(min_length=1)

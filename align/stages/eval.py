@@ -1,0 +1,127 @@
+"""eval: generate on a held-out set and score it.
+
+Metrics (written to the manifest and `metrics.jsonl`):
+- `accuracy`: share of samples whose answer math-verify finds equivalent to the gold (`accuracy` rule);
+  with greedy decoding that is greedy accuracy, with sampling it is the pass@1 estimate;
+- `exact_match`: share of samples whose extracted answer equals the gold string exactly;
+- `pass@k` for each k in `pass_k` (unbiased estimator of Chen et al. 2021 from `num_samples` samples);
+- `format`: share of samples in the strict `<think>…</think><answer>…</answer>` format;
+- `mean_length`: mean completion length in tokens; `truncated`: share that never emitted EOS.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+from pydantic import Field, PositiveInt
+
+from align.recipe.schema import Data, StageConfig
+from align.recipe.validate import CheckContext
+
+logger = logging.getLogger("align")
+
+ARTIFACTS = {"predictions": "predictions.jsonl"}
+
+
+class Config(StageConfig):
+    type: Literal["eval"] = "eval"
+    dataset: Data
+    num_samples: PositiveInt = Field(default=1, description="Samples per prompt (k for pass@k).")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_completion_length: PositiveInt = 256
+    batch_size: PositiveInt = 64
+    pass_k: list[PositiveInt] | None = Field(default=None, description="Default: [1, num_samples].")
+    system_prompt: str | None = None
+
+
+def check(config: Config, ctx: CheckContext) -> None:
+    if config.temperature == 0.0 and config.num_samples > 1:
+        ctx.error(("num_samples",), "greedy decoding (temperature 0) gives one distinct sample; set temperature > 0")
+    for i, k in enumerate(config.pass_k or []):
+        if k > config.num_samples:
+            ctx.error(("pass_k", i), f"pass@{k} needs at least {k} samples per prompt (num_samples is {config.num_samples})")
+    ctx.require_columns(config.dataset, ("dataset",), {"prompt": "the question to generate from", "solution": "the gold answer"})
+
+
+def output_columns(config: Config) -> set[str] | None:
+    return None
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which `correct` are right: 1 − C(n−c, k) / C(n, k)."""
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+def score(
+    prompts: list[Any], solutions: list[str], samples: list[list[Any]], pass_k: list[int]
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Score generated samples; returns the metrics and one record per prompt."""
+    from reward_rules import RULES
+    from reward_rules.accuracy import extract_answer
+
+    accuracy_rule, format_rule = RULES["accuracy"], RULES["format"]
+    flat_texts = [s.text for row in samples for s in row]
+    flat_solutions = [sol for sol, row in zip(solutions, samples, strict=True) for _ in row]
+    correct = accuracy_rule(flat_texts, solution=flat_solutions)
+    formatted = format_rule(flat_texts)
+    records: list[dict[str, Any]] = []
+    totals = {"accuracy": 0.0, "exact_match": 0.0, "format": 0.0, "length": 0.0, "truncated": 0.0}
+    pass_sums = dict.fromkeys(pass_k, 0.0)
+    position = 0
+    for prompt, solution, row in zip(prompts, solutions, samples, strict=True):
+        scored = []
+        for sample in row:
+            ok = bool(correct[position]) if correct[position] is not None else False
+            exact = (extract_answer(sample.text) or "").strip() == solution.strip()
+            scored.append({"text": sample.text, "correct": ok, "exact": exact, "format": float(formatted[position] or 0.0),
+                           "length": len(sample.token_ids), "finished": sample.finished})
+            position += 1
+        n_correct = sum(s["correct"] for s in scored)
+        for k in pass_k:
+            pass_sums[k] += pass_at_k(len(scored), n_correct, k)
+        totals["accuracy"] += sum(s["correct"] for s in scored)
+        totals["exact_match"] += sum(s["exact"] for s in scored)
+        totals["format"] += sum(s["format"] for s in scored)
+        totals["length"] += sum(s["length"] for s in scored)
+        totals["truncated"] += sum(not s["finished"] for s in scored)
+        records.append({"prompt": prompt, "solution": solution, "samples": scored})
+    count = max(1, len(flat_texts))
+    metrics = {
+        "accuracy": totals["accuracy"] / count,
+        "exact_match": totals["exact_match"] / count,
+        **{f"pass@{k}": pass_sums[k] / max(1, len(prompts)) for k in pass_k},
+        "format": totals["format"] / count,
+        "mean_length": totals["length"] / count,
+        "truncated": totals["truncated"] / count,
+        "num_prompts": len(prompts),
+    }
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, records
+
+
+def run(config: Config, ctx: Any) -> dict[str, Any]:
+    from align.data import load_dataset, write_jsonl
+    from align.generation import generate, with_system_prompt
+    from align.models import device, load_causal_lm, load_tokenizer
+
+    assert config.model is not None
+    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
+    prompts = [with_system_prompt(p, config.system_prompt) for p in dataset["prompt"]]
+    solutions = [str(s) for s in dataset["solution"]]
+    tokenizer = load_tokenizer(config.model)
+    model = load_causal_lm(config.model).to(device())
+    logger.info("eval: %d prompts × %d samples", len(prompts), config.num_samples)
+    samples = generate(
+        model, tokenizer, prompts,
+        num_samples=config.num_samples, max_new_tokens=config.max_completion_length,
+        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size, seed=ctx.seed,
+    )
+    pass_k = sorted(set(config.pass_k or [1, config.num_samples]))
+    metrics, records = score(prompts, solutions, samples, pass_k)
+    write_jsonl(records, ctx.artifact(ARTIFACTS["predictions"]))
+    ctx.metrics.write(metrics)
+    return metrics
