@@ -4,6 +4,7 @@ names, behind one `load_dataset(spec)`; `probe_columns` reads only the first row
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,23 @@ def _first_rows_columns(path: Path) -> set[str]:
     raise DataError(f"unsupported dataset file type '{suffix}'")
 
 
+def _embedded_maker(path: str) -> Callable[..., Any] | None:
+    """The generator of an embedded dataset name (a task, or preferences over one), else None."""
+    from align.embedded import preferences, tasks
+
+    if tasks.is_embedded_task(path):
+        return tasks.make_task_dataset
+    if preferences.is_preference_task(path):
+        return preferences.make_preference_dataset
+    return None
+
+
 def probe_columns(spec: DataSpec, base_dir: Path) -> set[str] | None:
     """Column names of the dataset, or None for hub datasets (unknown before download)."""
-    from align.embedded import tasks
-
-    if tasks.is_embedded_task(spec.path):
+    make = _embedded_maker(spec.path)
+    if make is not None:
         try:
-            return set(tasks.make_task_dataset(spec.path, spec.split, 2, seed=0, **spec.params).column_names)
+            return set(make(spec.path, spec.split, 2, seed=0, **spec.params).column_names)
         except (TypeError, ValueError) as err:
             raise DataError(f"embedded task '{spec.path}': {err}") from None
     if not _is_local(spec.path):
@@ -104,10 +115,9 @@ def load_dataset(spec: DataSpec, base_dir: Path, seed: int = 0) -> Any:
     """Load the dataset a spec names as a `datasets.Dataset` (columns renamed, first N rows kept)."""
     import datasets
 
-    from align.embedded import tasks
-
-    if tasks.is_embedded_task(spec.path):
-        return tasks.make_task_dataset(spec.path, spec.split, spec.num_examples or 1000, seed=seed, **spec.params)
+    make = _embedded_maker(spec.path)
+    if make is not None:
+        return make(spec.path, spec.split, spec.num_examples or 1000, seed=seed, **spec.params)
     if _is_local(spec.path):
         path = _local_path(spec, base_dir)
         if path.is_dir():
@@ -122,7 +132,7 @@ def load_dataset(spec: DataSpec, base_dir: Path, seed: int = 0) -> Any:
         if missing:
             raise DataError(f"cannot rename missing column(s) {missing} of {spec.path}")
         dataset = dataset.rename_columns(spec.columns)
-    if spec.num_examples is not None and not tasks.is_embedded_task(spec.path):
+    if spec.num_examples is not None:
         dataset = dataset.select(range(min(spec.num_examples, len(dataset))))
     return dataset
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 Prompt = str | list[dict[str, str]]
 
@@ -32,6 +35,81 @@ def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """Token tensors of one generated batch, on the model's device (what PPO trains on)."""
+
+    query_ids: Tensor  # [B, Lq] left-padded prompts
+    query_mask: Tensor  # [B, Lq] 1 = real prompt token
+    response_ids: Tensor  # [B, Lr] generated tokens; `pad_id` after the first EOS
+    response_mask: Tensor  # [B, Lr] bool: real response tokens, the first EOS included
+    finished: Tensor  # [B] bool: the response ended with EOS rather than at max_new_tokens
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt, rendered with the chat template when conversational."""
+    return [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-padded `[B, L]` ids and attention mask: generation appends on the right."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention[i, width - len(ids) :] = 1
+    return input_ids, attention
+
+
+def generate_tensors(
+    model: Any,
+    query_ids: Tensor,
+    query_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+) -> Rollout:
+    """Generate one left-padded batch with the KV cache and return the tokens as tensors.
+
+    Sampling is from the model's own distribution at `temperature` (nucleus/top-k only if asked):
+    repetition penalties or top-k a hub `generation_config.json` sets are switched off, because PPO's
+    log-probs assume the tokens were drawn from softmax(logits / temperature) and nothing else."""
+    import torch
+
+    device = next(model.parameters()).device
+    sampling: dict[str, Any] = {"do_sample": temperature > 0, "repetition_penalty": 1.0}
+    if temperature > 0:
+        sampling.update(temperature=temperature, top_p=top_p, top_k=top_k or 0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=query_ids.to(device),
+                attention_mask=query_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_ids,
+                pad_token_id=pad_id,
+                **sampling,
+            )
+    finally:
+        model.train(was_training)
+    response = out[:, query_ids.shape[1] :]
+    is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device))
+    # A token is real up to and including the first EOS: cumsum counts EOS seen *before* it.
+    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    response_mask = before == 0
+    response = torch.where(response_mask, response, torch.full_like(response, pad_id))
+    return Rollout(query_ids.to(device), query_mask.to(device), response, response_mask, is_eos.any(dim=1))
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -53,45 +131,24 @@ def generate(
         raise ValueError("greedy decoding (temperature 0) gives identical samples; set temperature > 0")
     if seed is not None:
         torch.manual_seed(seed)
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    encoded = encode_prompts(tokenizer, prompts)
     jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(num_samples)), key=lambda j: len(encoded[j[0]]))
     results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            width = max(len(encoded[i]) for i, _ in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (i, _) in enumerate(batch):
-                ids = encoded[i]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention[row, width - len(ids) :] = 1
-            sampling: dict[str, Any] = {"do_sample": temperature > 0}
-            if temperature > 0:
-                sampling.update(temperature=temperature, top_p=top_p, top_k=top_k or 0)
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention.to(device),
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=eos_ids,
-                    pad_token_id=pad_id,
-                    **sampling,
-                )
-            for row, (i, s) in enumerate(batch):
-                results[i][s] = _to_sample(out[row, width:].tolist(), eos_ids, pad_id, tokenizer)
-    finally:
-        model.train(was_training)
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        input_ids, attention = left_pad([encoded[i] for i, _ in batch], pad_id)
+        out = generate_tensors(
+            model, input_ids, attention, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+            temperature=temperature, top_p=top_p, top_k=top_k,
+        )
+        for row, (i, s) in enumerate(batch):
+            results[i][s] = _to_sample(out.response_ids[row].tolist(), eos_ids, pad_id, tokenizer)
     return [[s for s in row if s is not None] for row in results]
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     found = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in found:

@@ -162,3 +162,42 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path, *, merge: bool = False
         model = model.merge_and_unload()
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+
+
+def load_sequence_classifier(spec: ModelSpec, path: str | None = None, *, num_labels: int = 1) -> PreTrainedModel:
+    """A sequence-classification model (reward or value model) from any checkpoint: a reward model,
+    a causal LM (the head is new), or a PEFT adapter of either (merged). `pad_token_id` is always set,
+    because the head pools at the last non-pad token and cannot find it without one."""
+    from transformers import AutoModelForSequenceClassification
+
+    source = path or resolve_model_path(spec.name_or_path)
+    kwargs = model_init_kwargs(spec)
+    if is_adapter(source):
+        import json
+
+        task = json.loads(Path(source, "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+        if task == "SEQ_CLS":
+            from peft import AutoPeftModelForSequenceClassification
+
+            model = AutoPeftModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
+            model = model.merge_and_unload()
+        else:
+            # A causal-LM adapter: merge it, then move the backbone weights under a fresh head.
+            causal = load_causal_lm(spec, source)
+            causal.config.num_labels = num_labels
+            model = AutoModelForSequenceClassification.from_config(causal.config, dtype=causal.dtype)
+            model.load_state_dict(causal.state_dict(), strict=False)
+    else:
+        from transformers.utils import logging as hf_logging
+
+        # "score.weight newly initialised" is the expected outcome for a causal LM, not a problem.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None:
+        tokenizer = load_tokenizer(spec, None if spec.tokenizer else source)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -106,10 +106,10 @@ def plan(recipe: Recipe, run_dir: Path) -> list[PlannedStage]:
         config = effective_config(recipe, stage)
         fp = fingerprint(config, previous, recipe.base_dir)
         record = records.get(stage.name)
-        if rerun_from is not None:
-            run, reason = True, f"an earlier stage ('{rerun_from}') runs again"
-        elif record is None or record.fingerprint is None:
+        if record is None or record.fingerprint is None:
             run, reason = True, "not run yet"
+        elif rerun_from is not None:
+            run, reason = True, f"an earlier stage ('{rerun_from}') runs again"
         elif record.fingerprint != fp:
             run, reason = True, "its config or inputs changed"
         elif not art.is_complete(run_dir, record):

@@ -57,7 +57,7 @@ def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> KeyPath
             if last:
                 node[segment] = value
             else:
-                if not isinstance(node.get(segment), dict | list):
+                if node.get(segment) is None:
                     node[segment] = {}
                 node = node[segment]
         else:

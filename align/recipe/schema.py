@@ -70,6 +70,17 @@ class LoraSpec(Strict):
     merge: bool = Field(default=False, description="Also save the adapter merged into the base as the stage's model.")
 
 
+class RewardSpec(Strict):
+    """One rule reward in a weighted sum: `{rule: accuracy, weight: 1.0, params: {...}}`. `rule` is a
+    name from `reward_rules`, a dotted import path (`pkg.mod:func`), a file (`my_rules.py:func`) or an
+    entry point of group `align.reward_rules`."""
+
+    rule: str = Field(min_length=1)
+    weight: float = 1.0
+    params: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = Field(default=None, description="Name to log it under (default: the rule's name).")
+
+
 class LauncherSpec(Strict):
     """How a stage's process is started. `inprocess` runs it inside `align run`; `subprocess` in a fresh
     Python; `accelerate` under `accelerate launch` (multi-GPU / DeepSpeed via `config_file`)."""

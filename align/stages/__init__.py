@@ -17,6 +17,8 @@ from types import ModuleType
 STAGE_TYPES: dict[str, str] = {
     "sft": "align.stages.sft",
     "eval": "align.stages.eval",
+    "reward_model": "align.stages.reward_model",
+    "ppo": "align.stages.ppo",
 }
 
 
