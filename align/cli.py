@@ -99,7 +99,10 @@ def _cmd_rewards(args: argparse.Namespace) -> int:
 
     if args.rewards_command == "list":
         for rule in describe_rules():
-            params = ", ".join(f"{k}={v!r}" for k, v in rule["params"].items())
+            params = ", ".join(
+                f"{k}: {v['type']}" + (" (required)" if v.get("required") else f" = {v['default']!r}")
+                for k, v in rule["params"].items()
+            )
             columns = f" [needs: {', '.join(rule['columns'])}]" if rule["columns"] else ""
             print(f"{rule['name']:<22} {rule['description']}{columns}")
             if params:

@@ -150,3 +150,13 @@ def message_text(value: Any) -> str:
     if isinstance(value, list):
         return "".join(m.get("content", "") for m in value if isinstance(m, dict))
     return str(value)
+
+
+def chat_prompt(prompt: Any, system_prompt: str | None = None, conversational: bool = True) -> Any:
+    """A dataset prompt as the model should see it: plain strings become a user message when
+    `conversational` (so the chat template applies), and the system prompt is prepended if missing."""
+    from align.generation import with_system_prompt
+
+    if isinstance(prompt, str) and conversational:
+        prompt = [{"role": "user", "content": prompt}]
+    return with_system_prompt(prompt, system_prompt)

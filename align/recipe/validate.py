@@ -15,7 +15,15 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from align.recipe.errors import KeyPath, Problem, RecipeError, did_you_mean
 from align.recipe.loader import LocatedYAML, load_yaml_file, parse_yaml
 from align.recipe.overrides import apply_overrides
-from align.recipe.schema import REFERENCE, REFERENCE_ANYWHERE, DataSpec, ModelSpec, RecipeHeader, StageConfig
+from align.recipe.schema import (
+    REFERENCE,
+    REFERENCE_ANYWHERE,
+    DataSpec,
+    ModelSpec,
+    RecipeHeader,
+    RewardSpec,
+    StageConfig,
+)
 
 
 @dataclass
@@ -100,6 +108,24 @@ class CheckContext:
                     (*rel_path, "path"),
                     f"dataset '{spec.path}' has no column '{column}' ({why}); it has: {', '.join(sorted(columns))}",
                 )
+
+    def check_rewards(self, rewards: list[RewardSpec], dataset: DataSpec | None, rel_path: KeyPath = ("rewards",)) -> None:
+        """Each rule resolves, its parameters fit its signature, and the dataset has its columns."""
+        from align.rewards import RuleResolutionError, check_rule_params, resolve_rule, rule_signature
+
+        needed: dict[str, str] = {}
+        for i, spec in enumerate(rewards):
+            try:
+                fn = resolve_rule(spec.rule, self.base_dir)
+            except RuleResolutionError as err:
+                self.error((*rel_path, i, "rule"), str(err))
+                continue
+            for message in check_rule_params(fn, spec.params):
+                self.error((*rel_path, i, "params"), message)
+            for column in rule_signature(fn).columns:
+                needed.setdefault(column, f"reward rule '{spec.rule}' reads it")
+        if dataset is not None and needed:
+            self.require_columns(dataset, ("dataset",), needed)
 
     def model_spec(self, stage: StageConfig) -> ModelSpec:
         return stage.model or self.header.model

@@ -17,6 +17,7 @@ from types import ModuleType
 STAGE_TYPES: dict[str, str] = {
     "sft": "align.stages.sft",
     "eval": "align.stages.eval",
+    "grpo": "align.stages.grpo",
     "reward_model": "align.stages.reward_model",
     "ppo": "align.stages.ppo",
 }

@@ -35,6 +35,7 @@ class Config(StageConfig):
     batch_size: PositiveInt = 64
     pass_k: list[PositiveInt] | None = Field(default=None, description="Default: [1, num_samples].")
     system_prompt: str | None = None
+    conversational: bool = Field(default=True, description="Plain-string prompts become a user message (chat template).")
 
 
 def check(config: Config, ctx: CheckContext) -> None:
@@ -104,13 +105,13 @@ def score(
 
 
 def run(config: Config, ctx: Any) -> dict[str, Any]:
-    from align.data import load_dataset, write_jsonl
-    from align.generation import generate, with_system_prompt
+    from align.data import chat_prompt, load_dataset, write_jsonl
+    from align.generation import generate
     from align.models import device, load_causal_lm, load_tokenizer
 
     assert config.model is not None
     dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
-    prompts = [with_system_prompt(p, config.system_prompt) for p in dataset["prompt"]]
+    prompts = [chat_prompt(p, config.system_prompt, config.conversational) for p in dataset["prompt"]]
     solutions = [str(s) for s in dataset["solution"]]
     tokenizer = load_tokenizer(config.model)
     model = load_causal_lm(config.model).to(device())

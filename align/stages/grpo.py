@@ -1,0 +1,193 @@
+"""grpo: R1-Zero-style reinforcement learning on TRL's `GRPOTrainer` — no critic, group-relative
+advantages, rule rewards (`reward_rules/`) picked by name with weights and parameters.
+
+Every key a user tunes in GRPO keeps TRL's name (num_generations, temperature, top_p, beta,
+loss_type, scale_rewards, epsilon, epsilon_high, mask_truncated_completions, num_iterations,
+use_vllm, vllm_mode, …); the most-tuned ones are typed and bounded here, every other `GRPOConfig`
+field is accepted as-is. Defaults are TRL's, except bf16/gradient checkpointing, decided per device.
+
+Logged into metrics.jsonl at every logging step: per-rule mean reward (`rewards/<rule>/mean`), total
+reward and its std, the fraction of groups whose rewards all tie (`frac_reward_zero_std`), KL (when
+beta > 0), entropy, completion lengths, clip ratios; and a few sample completions with their rule
+scores into samples.jsonl. Per-rule failure counts (samples scored None) go into the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, PositiveInt
+
+from align.recipe.schema import Data, LoraSpec, RewardSpec, StageConfig, TrainingKnobs
+from align.recipe.validate import CheckContext
+
+logger = logging.getLogger("align")
+
+ARTIFACTS = {"model": "model", "samples": "samples.jsonl"}
+SAMPLES_PER_LOG = 3
+
+
+class Config(StageConfig, TrainingKnobs):
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    trl_config_class: ClassVar[str | None] = "trl:GRPOConfig"
+
+    type: Literal["grpo"] = "grpo"
+    dataset: Data
+    rewards: list[RewardSpec] = Field(min_length=1)
+    system_prompt: str | None = Field(default=None, description="Prepended to conversational prompts that lack one.")
+    conversational: bool = Field(
+        default=True, description="Wrap plain-string prompts as a user message (chat template applies); false keeps raw text."
+    )
+    max_prompt_length: PositiveInt | None = Field(
+        default=None, description="Prompts longer than this many tokens are dropped (and counted), not cut."
+    )
+    lora: LoraSpec | None = None
+    learning_rate: float = Field(default=1e-6, gt=0)
+    num_generations: int = Field(default=8, ge=2)
+    max_completion_length: PositiveInt = 512
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    beta: float = Field(default=0.0, ge=0, description="KL coefficient (TRL: k3 estimator in the loss); 0 = no reference model.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon: float = Field(default=0.2, gt=0)
+    epsilon_high: float | None = Field(default=None, gt=0, description="DAPO clip-higher (e.g. 0.28).")
+    mask_truncated_completions: bool = False
+    num_iterations: PositiveInt = 1
+    use_vllm: bool = False
+    vllm_mode: Literal["server", "colocate"] = "colocate"
+
+
+def check(config: Config, ctx: CheckContext) -> None:
+    ctx.require_columns(config.dataset, ("dataset",), {"prompt": "GRPO generates from it"})
+    ctx.check_rewards(config.rewards, config.dataset)
+    launcher = config.launcher or ctx.header.launcher
+    processes = launcher.num_processes or 1
+    steps_per_generation = (config.model_extra or {}).get("steps_per_generation") or config.gradient_accumulation_steps
+    generation_batch = config.per_device_train_batch_size * processes * steps_per_generation
+    if generation_batch % config.num_generations:
+        ctx.error(
+            ("per_device_train_batch_size",),
+            f"per_device_train_batch_size × processes × steps_per_generation = {generation_batch} completions per "
+            f"generation round must be divisible by num_generations ({config.num_generations})",
+        )
+    if config.epsilon_high is not None and config.epsilon_high < config.epsilon:
+        ctx.error(("epsilon_high",), f"epsilon_high ({config.epsilon_high}) must be ≥ epsilon ({config.epsilon})")
+    if config.use_vllm and ctx.check_models:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            ctx.error(("use_vllm",), "vLLM is not installed (pip install 'align[vllm]'); set use_vllm: false to use HF generate")
+
+
+def output_columns(config: Config) -> set[str] | None:
+    return None
+
+
+class SampleRecorder:
+    """Wraps the reward functions to keep the latest batch of completions and their scores, so a
+    few can be written out at each logging step (TRL only sends them to wandb/rich)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] = {}
+
+    def wrap(self, fn: Any) -> Any:
+        recorder = self
+
+        def recorded(completions: list[Any], **kwargs: Any) -> list[float | None]:
+            scores = fn(completions, **kwargs)
+            recorder.latest.setdefault("completions", completions)
+            recorder.latest.setdefault("prompts", kwargs.get("prompts"))
+            recorder.latest.setdefault("scores", {})[fn.__name__] = scores
+            return scores
+
+        recorded.__name__ = fn.__name__
+        return recorded
+
+    def take(self, count: int) -> list[dict[str, Any]]:
+        from align.data import message_text
+
+        latest, self.latest = self.latest, {}
+        completions = latest.get("completions") or []
+        prompts = latest.get("prompts") or [None] * len(completions)
+        rows = []
+        for i in range(min(count, len(completions))):
+            scores = {name: values[i] for name, values in latest.get("scores", {}).items()}
+            rows.append({"prompt": message_text(prompts[i]), "completion": message_text(completions[i]), "rewards": scores})
+        return rows
+
+
+def _samples_callback(recorder: SampleRecorder, path: Any) -> Any:
+    from transformers import TrainerCallback
+
+    from align.artifacts import MetricsWriter
+
+    writer = MetricsWriter(path)
+
+    class _Samples(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                for row in recorder.take(SAMPLES_PER_LOG):
+                    writer.write({"step": state.global_step, **row})
+
+    return _Samples()
+
+
+def _prepare(dataset: Any, tokenizer: Any, config: Config) -> Any:
+    from align.data import chat_prompt
+    from align.generation import render_prompt
+
+    if config.conversational or config.system_prompt:
+        dataset = dataset.map(lambda row: {"prompt": chat_prompt(row["prompt"], config.system_prompt, config.conversational)})
+    if config.max_prompt_length:
+        limit = config.max_prompt_length
+        before = len(dataset)
+        dataset = dataset.filter(lambda row: len(tokenizer(render_prompt(tokenizer, row["prompt"]))["input_ids"]) <= limit)
+        if len(dataset) < before:
+            logger.warning("grpo: dropped %d of %d prompts longer than %d tokens", before - len(dataset), before, limit)
+    return dataset
+
+
+def run(config: Config, ctx: Any) -> dict[str, Any]:
+    from trl import GRPOTrainer
+
+    from align.data import load_dataset
+    from align.models import load_causal_lm, load_tokenizer, peft_config, save_model
+    from align.rewards import bind_rule, resolve_rule
+    from align.training import final_train_metrics, metrics_callback, trl_config
+
+    assert config.model is not None
+    tokenizer = load_tokenizer(config.model, padding_side="left")
+    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), tokenizer, config)
+    bound = [bind_rule(resolve_rule(r.rule, ctx.base_dir), r.params, r.name or r.rule.rsplit(":", 1)[-1]) for r in config.rewards]
+    recorder = SampleRecorder()
+    work_dir = ctx.artifact("trainer")
+    args = trl_config(config, work_dir, reward_weights=[r.weight for r in config.rewards])
+    trainer = GRPOTrainer(
+        model=load_causal_lm(config.model),
+        reward_funcs=[recorder.wrap(fn) for fn in bound],
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=peft_config(config.lora) if config.lora else None,
+        callbacks=[metrics_callback(ctx.metrics), _samples_callback(recorder, ctx.artifact(ARTIFACTS["samples"]))],
+    )
+    logger.info("grpo: %d prompts, %d generations each, rules: %s", len(train), config.num_generations,
+                ", ".join(f"{fn.__name__}×{r.weight:g}" for fn, r in zip(bound, config.rewards, strict=True)))
+    result = trainer.train()
+    metrics = final_train_metrics(trainer, result)
+    rewards_logged = [h for h in trainer.state.log_history if "reward" in h]
+    if rewards_logged:
+        metrics["first_reward"] = round(float(rewards_logged[0]["reward"]), 4)
+        metrics["last_reward"] = round(float(rewards_logged[-1]["reward"]), 4)
+    for fn in bound:
+        metrics[f"{fn.__name__}_failures"] = fn.failures
+        if fn.failures:
+            logger.warning("grpo: rule %s scored None on %d samples (%s)", fn.__name__, fn.failures, fn.stats.last_error)
+    if trainer.is_world_process_zero():
+        ctx.artifact(ARTIFACTS["samples"]).touch()
+        save_model(trainer.model, tokenizer, ctx.artifact(ARTIFACTS["model"]), merge=bool(config.lora and config.lora.merge))
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return metrics

@@ -1,0 +1,104 @@
+"""The grpo stage: recipe checks before training, and a short real run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from align.recipe.errors import RecipeError, format_path
+from align.recipe.validate import load_recipe
+from align.runner import run_recipe
+
+RECIPE = """\
+name: grpo-test
+seed: 0
+model: align:tiny
+stages:
+  - name: grpo
+    type: grpo
+    dataset: {path: "align:arithmetic", split: train, num_examples: 32}
+    rewards:
+      - {rule: accuracy, weight: 1.0}
+      - {rule: format, weight: 0.5}
+    learning_rate: 1.0e-4
+    max_steps: 3
+    per_device_train_batch_size: 8
+    num_generations: 4
+    max_completion_length: 16
+    logging_steps: 1
+"""
+
+
+def problems(tmp_path: Path, *overrides: str, text: str = RECIPE) -> dict[str, str]:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, list(overrides))
+    return {format_path(p.path): p.message for p in info.value.problems}
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "fragment"),
+    [
+        ("stages.grpo.rewards=[{rule: acuracy}]", "stages[0].rewards[0].rule", "Did you mean 'accuracy'?"),
+        ("stages.grpo.rewards=[{rule: format, params: {think_tagg: t}}]", "stages[0].rewards[0].params", "think_tag"),
+        ("stages.grpo.rewards=[{rule: format, params: {prefilled_think: maybe}}]", "stages[0].rewards[0].params", "prefilled_think"),
+        ("stages.grpo.rewards=[]", "stages[0].rewards", "at least 1 item"),
+        ("stages.grpo.num_generations=3", "stages[0].per_device_train_batch_size", "divisible by num_generations (3)"),
+        ("stages.grpo.num_generations=1", "stages[0].num_generations", "greater than or equal to 2"),
+        ("stages.grpo.loss_type=ppo", "stages[0].loss_type", "'dapo'"),
+        ("stages.grpo.epsilon_high=0.1", "stages[0].epsilon_high", "must be ≥ epsilon"),
+        ("stages.grpo.use_vllm=true", "stages[0].use_vllm", "vLLM is not installed"),
+        ("stages.grpo.rewards=[{rule: nowhere.py:fn}]", "stages[0].rewards[0].rule", "nowhere.py"),
+    ],
+)
+def test_bad_grpo_config_is_rejected(tmp_path: Path, override: str, path: str, fragment: str) -> None:
+    found = problems(tmp_path, override)
+    assert path in found, found
+    assert fragment in found[path]
+
+
+def test_dataset_must_have_the_columns_rules_read(tmp_path: Path) -> None:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "What is 1+1?"}\n')
+    found = problems(tmp_path, f"stages.grpo.dataset.path={data}")
+    assert "has no column 'solution' (reward rule 'accuracy' reads it)" in found["stages[0].dataset.path"]
+
+
+def test_custom_rule_from_a_file(tmp_path: Path) -> None:
+    (tmp_path / "my_rules.py").write_text(
+        "def short(completions, *, limit: int = 10, **kwargs):\n"
+        "    '''1.0 when the completion is at most `limit` characters.'''\n"
+        "    return [float(len(str(c)) <= limit) for c in completions]\n"
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    recipe = load_recipe(path, [f"stages.grpo.rewards=[{{rule: {tmp_path}/my_rules.py:short, params: {{limit: 5}}}}]"])
+    assert recipe.stage("grpo").rewards[0].params == {"limit": 5}
+    found = problems(tmp_path, f"stages.grpo.rewards=[{{rule: {tmp_path}/my_rules.py:short, params: {{limit: five}}}}]")
+    assert "limit" in found["stages[0].rewards[0].params"]
+
+
+def test_short_grpo_run_logs_rewards_and_saves_a_loadable_model(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    manifest = run_recipe(load_recipe(path), tmp_path / "run", report=lambda _: None)
+    record = manifest.record("grpo")
+    assert record.status == "complete"
+    assert record.metrics["steps"] == 3
+    assert record.metrics["accuracy_failures"] == 0 and record.metrics["format_failures"] == 0
+    stage_dir = tmp_path / "run" / "grpo"
+    logged = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in logged if "reward" in row]
+    assert len(steps) == 3
+    for key in ("rewards/accuracy/mean", "rewards/format/mean", "reward_std", "frac_reward_zero_std", "entropy",
+                "completions/mean_length", "clip_ratio/region_mean"):
+        assert key in steps[0], key
+    samples = [json.loads(line) for line in (stage_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and set(samples[0]["rewards"]) == {"accuracy", "format"}
+    assert samples[0]["prompt"].startswith("What is")
+    AutoModelForCausalLM.from_pretrained(stage_dir / "model")
