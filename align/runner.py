@@ -243,6 +243,27 @@ def summary_table(manifest: art.Manifest) -> str:
     return "\n".join(lines)
 
 
+def accuracy_table(manifest: art.Manifest) -> str:
+    """Held-out accuracy after each evaluated stage — the line a pipeline run is judged by."""
+    rows = [(s.name, s.metrics) for s in manifest.stages if "accuracy" in s.metrics]
+    if not rows:
+        return ""
+    keys = ["accuracy", "exact_match", *sorted({k for _, m in rows for k in m if k.startswith("pass@")}), "format", "mean_length"]
+    header = ["eval stage", *keys]
+    table = [header] + [[name, *(f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m.get(k, "-")) for k in keys)]
+                        for name, m in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)) for r in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def report(manifest: art.Manifest) -> str:
+    """The end-of-run screen: every stage's status and metrics, then held-out accuracy by stage."""
+    table = accuracy_table(manifest)
+    return summary_table(manifest) + (f"\n\nHeld-out accuracy\n{table}" if table else "")
+
+
 def main_stage_process(argv: list[str] | None = None) -> None:
     """Entry of a stage's own process (`python -m align.stage_main`)."""
     import argparse

@@ -155,3 +155,26 @@ def test_hard_kill_mid_stage_leaves_nothing_that_looks_complete(tmp_path: Path) 
     assert [(p.config.name, p.run, p.reason) for p in plan(recipe, run_dir)][-1] == (
         "d", True, "previous attempt did not finish (status: running)"
     )
+
+
+def test_stage_in_its_own_process(tmp_path: Path) -> None:
+    """`launcher: subprocess` runs the stage through `python -m align.stage_main`; the orchestrator
+    only sees what it wrote to disk."""
+    from align.runner import report
+
+    text = """\
+name: sub
+model: align:tiny
+launcher: {type: subprocess}
+stages:
+  - name: ev
+    type: eval
+    dataset: {path: "align:arithmetic", split: test, num_examples: 4}
+    max_completion_length: 8
+"""
+    manifest = run(tmp_path, text=text)
+    record = manifest.record("ev")
+    assert record.status == "complete"
+    assert record.metrics["num_prompts"] == 4
+    assert (tmp_path / "run" / "ev" / "predictions.jsonl").read_text().count("\n") == 4
+    assert "Held-out accuracy" in report(manifest) and "ev " in report(manifest)
