@@ -1,0 +1,686 @@
+"""Reward rules for a recipe: find them, read what they need, check their parameters, call them safely.
+
+A rule is a plain function with TRL's reward signature (see ``reward_rules``):
+``f(completions, <dataset columns>, *, <recipe parameters>, **kwargs) -> list[float | None]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import logging
+import math
+import re
+import sys
+import threading
+import time
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "REQUIRED",
+    "TRL_KWARGS",
+    "BoundRule",
+    "RuleResolutionError",
+    "RuleSignature",
+    "RuleStats",
+    "bind_rule",
+    "check_rule_params",
+    "coerce_params",
+    "describe_rules",
+    "parse_param_args",
+    "resolve_rule",
+    "rule_signature",
+    "try_rule",
+]
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "align.reward_rules"
+# What TRL itself passes to reward functions: never dataset columns or recipe parameters.
+TRL_KWARGS = frozenset(
+    {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments"}
+)
+REQUIRED: Any = inspect.Parameter.empty
+"""Default recorded in ``RuleSignature.params`` for a keyword-only parameter without a default."""
+
+RewardFunction = Callable[..., list[float | None]]
+
+
+class RuleResolutionError(ValueError):
+    """A rule named in a recipe cannot be found, imported or called."""
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving
+# --------------------------------------------------------------------------------------------
+
+_FILE_SPEC = re.compile(r"^(?P<path>.+?\.py)(?::(?P<attr>[A-Za-z_][\w.]*))?$")
+_file_modules: dict[tuple[str, int], Any] = {}
+_file_lock = threading.Lock()
+
+
+def _builtin_rules() -> dict[str, RewardFunction]:
+    from reward_rules import RULES
+
+    return RULES
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def _get_attr_path(obj: Any, attr_path: str, where: str) -> Any:
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            public = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
+            raise RuleResolutionError(f"{where} has no attribute {part!r}.{_did_you_mean(part, public)}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _load_file(path_text: str, base_dir: Path | None) -> Any:
+    path = Path(path_text).expanduser()
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / path
+    path = path.resolve()
+    if not path.is_file():
+        raise RuleResolutionError(
+            f"rule file {str(path)!r} does not exist (relative paths start at the recipe's folder)"
+        )
+    key = (str(path), path.stat().st_mtime_ns)
+    with _file_lock:
+        if key in _file_modules:
+            return _file_modules[key]
+        # A unique, importable module name: dataclasses and pickling look the module up in sys.modules.
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+        stem = re.sub(r"\W", "_", path.stem)
+        module_name = f"align_rule_file_{stem}_{digest}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise RuleResolutionError(f"cannot import {str(path)!r} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:
+            sys.modules.pop(module_name, None)
+            raise RuleResolutionError(f"importing rule file {str(path)!r} failed: {error!r}") from error
+        _file_modules[key] = module
+        return module
+
+
+def _import_dotted(spec: str) -> Any:
+    if ":" in spec:
+        module_name, attr_path = spec.split(":", 1)
+        candidates = [(module_name, attr_path)]
+    else:
+        parts = spec.split(".")
+        # "pkg.mod.Class.method": try the longest importable module prefix first.
+        candidates = [(".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)]
+    last_error: Exception | None = None
+    for module_name, attr_path in candidates:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            # Only "this prefix is not a module" moves on; a module that fails inside is an error.
+            if error.name is not None and (
+                module_name == error.name or module_name.startswith(error.name + ".")
+            ):
+                last_error = error
+                continue
+            raise RuleResolutionError(
+                f"importing {module_name!r} for rule {spec!r} failed: {error!r}"
+            ) from error
+        except Exception as error:
+            raise RuleResolutionError(
+                f"importing {module_name!r} for rule {spec!r} failed: {error!r}"
+            ) from error
+        if not attr_path:
+            raise RuleResolutionError(f"rule {spec!r} names a module, not a function (use 'module:function')")
+        return _get_attr_path(module, attr_path, f"module {module_name!r}")
+    raise RuleResolutionError(f"cannot import a module for rule {spec!r}: {last_error}")
+
+
+def _check_callable(obj: Any, spec: str) -> RewardFunction:
+    if inspect.isclass(obj) or not callable(obj):
+        kind = "a class" if inspect.isclass(obj) else f"a {type(obj).__name__}"
+        raise RuleResolutionError(
+            f"rule {spec!r} is {kind}, not a reward function f(completions, **kwargs) -> list[float | None]"
+        )
+    try:
+        parameters = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return obj  # builtins without a signature: trust them
+    takes_completions = "completions" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+    if not takes_completions:
+        # TRL passes everything by keyword, completions=... included.
+        raise RuleResolutionError(
+            f"rule {spec!r} must take a parameter named 'completions' (TRL passes it by name)"
+        )
+    return obj
+
+
+def resolve_rule(spec: str, base_dir: Path | None = None) -> RewardFunction:
+    """Find the reward function a recipe names.
+
+    ``spec`` is one of: a built-in rule name (``accuracy``); a dotted import path
+    (``pkg.mod:func`` or ``pkg.mod.func``); a Python file and function (``rules/mine.py:func``,
+    relative to ``base_dir``, the recipe's folder); or the name of an entry point in the
+    ``align.reward_rules`` group of an installed package. Built-in names win over entry points.
+    Raises ``RuleResolutionError`` (a ValueError) with a "did you mean" for near-miss names.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise RuleResolutionError("empty reward rule name")
+    builtin = _builtin_rules()
+    if spec in builtin:
+        return builtin[spec]
+
+    file_match = _FILE_SPEC.match(spec)
+    if file_match:
+        if not file_match.group("attr"):
+            raise RuleResolutionError(f"rule {spec!r}: name the function too, as 'path/to/file.py:function'")
+        module = _load_file(file_match.group("path"), base_dir)
+        obj = _get_attr_path(module, file_match.group("attr"), f"rule file {file_match.group('path')!r}")
+        return _check_callable(obj, spec)
+
+    if ":" in spec or "." in spec:
+        return _check_callable(_import_dotted(spec), spec)
+
+    entry_points = _entry_points()
+    if spec in entry_points:
+        try:
+            obj = entry_points[spec].load()
+        except Exception as error:
+            raise RuleResolutionError(
+                f"loading entry point {spec!r} ({entry_points[spec].value}) failed: {error!r}"
+            ) from error
+        return _check_callable(obj, spec)
+
+    known = sorted(set(builtin) | set(entry_points))
+    raise RuleResolutionError(
+        f"unknown reward rule {spec!r}.{_did_you_mean(spec, known)} Known rules: {', '.join(known)}; "
+        "or give 'pkg.module:function' or 'path/to/file.py:function'."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Signatures and parameters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleSignature:
+    """What a rule needs: dataset columns, and the parameters a recipe may set.
+
+    ``columns``: required dataset columns (positional-or-keyword parameters after ``completions``
+    without defaults). ``optional_columns``: the same with defaults. ``params``: keyword-only
+    parameters, name → (annotation, default), default ``REQUIRED`` when there is none.
+    ``accepts_kwargs``: whether the rule takes ``**kwargs`` (TRL's extra keywords).
+    """
+
+    columns: tuple[str, ...]
+    params: dict[str, tuple[Any, Any]]
+    optional_columns: tuple[str, ...] = ()
+    accepts_kwargs: bool = True
+
+
+def _call_target(fn: Any) -> Any:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if isinstance(fn, BoundRule):
+        return _call_target(fn.fn)
+    if inspect.isfunction(fn) or inspect.ismethod(fn):
+        return fn
+    return type(fn).__call__
+
+
+def _type_hints(fn: Any) -> dict[str, Any]:
+    target = _call_target(fn)
+    try:
+        return typing.get_type_hints(target)
+    except Exception:
+        pass
+    # One unresolvable forward reference makes get_type_hints give up on all of them: resolve
+    # annotation by annotation instead, leaving the ones that fail unchecked (Any).
+    hints: dict[str, Any] = {}
+    namespace = getattr(target, "__globals__", {})
+    for name, annotation in getattr(target, "__annotations__", {}).items():
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, dict(namespace))  # noqa: S307 - the rule's own annotation
+            except Exception:
+                annotation = Any
+        hints[name] = annotation
+    return hints
+
+
+def rule_signature(fn: Callable[..., Any]) -> RuleSignature:
+    """Read a rule's dataset columns and recipe parameters from its Python signature."""
+    target = fn.fn if isinstance(fn, BoundRule) else fn
+    signature = inspect.signature(target)
+    hints = _type_hints(target)
+    columns: list[str] = []
+    optional: list[str] = []
+    params: dict[str, tuple[Any, Any]] = {}
+    accepts_kwargs = False
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            accepts_kwargs = True
+            continue
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL or name in TRL_KWARGS:
+            continue
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+            annotation = hints.get(name, parameter.annotation)
+            params[name] = (Any if annotation is inspect.Parameter.empty else annotation, parameter.default)
+        elif parameter.default is inspect.Parameter.empty:
+            columns.append(name)
+        else:
+            optional.append(name)
+    return RuleSignature(tuple(columns), params, tuple(optional), accepts_kwargs)
+
+
+def type_name(annotation: Any) -> str:
+    """Readable name of an annotation: ``float``, ``int | None``, ``Literal['en', 'zh']``."""
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return "any"
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _validate(annotation: Any, value: Any) -> str | None:
+    """None when ``value`` fits ``annotation`` (pydantic strict mode; ints pass as floats)."""
+    if annotation is Any:
+        return None
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        adapter = TypeAdapter(annotation)
+    except Exception:  # an annotation pydantic cannot model: nothing to check against
+        return None
+    try:
+        adapter.validate_python(value, strict=True)
+    except ValidationError as error:
+        return "; ".join(e["msg"] for e in error.errors())
+    return None
+
+
+def check_rule_params(fn: Callable[..., Any], params: Mapping[str, Any]) -> list[str]:
+    """Problems with the parameters a recipe gives a rule, as sentences; empty when all is fine.
+
+    Reports unknown names (with "did you mean"), dataset columns given as parameters, values whose
+    type does not match the annotation (pydantic strict mode: "3" is not an int, 1 is not a bool,
+    3 is a fine float), and missing parameters that have no default.
+    """
+    signature = rule_signature(fn)
+    problems: list[str] = []
+    for key, value in params.items():
+        if key not in signature.params:
+            if key in signature.columns or key in signature.optional_columns:
+                problems.append(f"{key!r} is a dataset column this rule reads, not a parameter")
+                continue
+            known = ", ".join(sorted(signature.params)) or "none"
+            problems.append(
+                f"unknown parameter {key!r}.{_did_you_mean(key, list(signature.params))} Known parameters: {known}"
+            )
+            continue
+        annotation, _ = signature.params[key]
+        error = _validate(annotation, value)
+        if error is not None:
+            problems.append(f"parameter {key!r} must be {type_name(annotation)}, got {value!r}: {error}")
+    for key, (annotation, default) in signature.params.items():
+        if default is REQUIRED and key not in params:
+            problems.append(f"missing required parameter {key!r} ({type_name(annotation)})")
+    return problems
+
+
+def coerce_params(fn: Callable[..., Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn command-line strings into typed values where the annotation asks for it.
+
+    A string value that does not fit its parameter's annotation is read as YAML ("0.5" → 0.5,
+    "true" → True, "[1, 2]" → a list) and kept when that fits. Values that fit neither way are
+    returned unchanged, for ``check_rule_params`` to report.
+    """
+    import yaml
+
+    signature = rule_signature(fn)
+    coerced: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, str) and key in signature.params:
+            annotation = signature.params[key][0]
+            if _validate(annotation, value) is not None:
+                try:
+                    parsed = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    parsed = value
+                if _validate(annotation, parsed) is None:
+                    value = parsed
+        coerced[key] = value
+    return coerced
+
+
+def parse_param_args(items: Sequence[str]) -> dict[str, str]:
+    """``["k=v", "x=1"]`` (``--param`` options) → ``{"k": "v", "x": "1"}``; raises ValueError on bad items."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--param expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Safe calling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RuleStats:
+    """What went wrong while calling a bound rule, for a stage to log."""
+
+    calls: int = 0
+    samples: int = 0
+    batch_failures: int = 0  # calls whose whole-batch attempt raised (then retried sample by sample)
+    sample_failures: int = 0  # samples that raised on their own, scored None
+    invalid_outputs: int = 0  # outputs of the wrong length or type (treated as a raise)
+    timeouts: int = 0  # calls (or per-sample retries) cut off by the wall-clock timeout
+    none_samples: int = 0  # all None rewards handed to TRL, whatever the reason
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RuleTimeout(TimeoutError):
+    """A rule call ran past the bound wall-clock timeout."""
+
+
+class _InvalidOutput(TypeError):
+    pass
+
+
+def _as_reward(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)):
+        raise _InvalidOutput(f"reward {value!r} is not a number or None")
+    try:
+        number = float(value)  # also numpy and torch scalars
+    except (TypeError, ValueError) as error:
+        raise _InvalidOutput(f"reward {value!r:.60} is not a number or None") from error
+    return None if math.isnan(number) else number
+
+
+class BoundRule:
+    """A rule with its recipe parameters bound, callable exactly like a TRL reward function.
+
+    ``__name__`` is the name TRL logs the reward under. A call that raises on the batch is retried
+    sample by sample; a sample that still raises (or returns something that is not a number) scores
+    None and is counted in ``stats``. With ``timeout_s`` each call runs in a worker thread and gives
+    None for every sample when it runs over (the thread cannot be killed and finishes in the
+    background; the ``code`` rule has its own per-process timeout).
+    """
+
+    def __init__(
+        self, fn: RewardFunction, params: Mapping[str, Any], name: str, timeout_s: float | None = None
+    ) -> None:
+        self.fn = fn
+        self.params = dict(params)
+        self.__name__ = name
+        self.__qualname__ = name
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self.timeout_s = timeout_s
+        self.stats = RuleStats()
+        signature = rule_signature(fn)
+        # A rule without **kwargs would crash on TRL's extra keywords: hand it only what it declares.
+        self._accepted: frozenset[str] | None = (
+            None if signature.accepts_kwargs else frozenset(inspect.signature(fn).parameters)
+        )
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"BoundRule({self.__name__!r}, fn={getattr(self.fn, '__name__', self.fn)!r}, params={self.params!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def failures(self) -> int:
+        """Samples that got None because the rule failed on them (not None the rule chose)."""
+        return self.stats.sample_failures
+
+    def _kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        merged = {**kwargs, **self.params}  # a recipe parameter wins over a same-named column
+        if self._accepted is not None:
+            merged = {k: v for k, v in merged.items() if k in self._accepted}
+        return merged
+
+    def _invoke(
+        self, completions: Sequence[Any], kwargs: dict[str, Any], timeout: float | None
+    ) -> list[float | None]:
+        if timeout is None:
+            output = self.fn(completions, **kwargs)
+        else:
+            box: dict[str, Any] = {}
+
+            def target() -> None:
+                try:
+                    box["output"] = self.fn(completions, **kwargs)
+                except BaseException as error:  # handed back to the calling thread
+                    box["error"] = error
+
+            worker = threading.Thread(target=target, name=f"reward-{self.__name__}", daemon=True)
+            worker.start()
+            worker.join(max(timeout, 0.0))
+            if worker.is_alive():
+                raise RuleTimeout(f"reward rule {self.__name__!r} ran past {timeout:g} s")
+            if "error" in box:
+                raise box["error"]
+            output = box["output"]
+        if (
+            isinstance(output, (str, bytes))
+            or not hasattr(output, "__len__")
+            or len(output) != len(completions)
+        ):
+            raise _InvalidOutput(
+                f"reward rule {self.__name__!r} returned {type(output).__name__} "
+                f"of length {len(output) if hasattr(output, '__len__') else '?'}, expected {len(completions)} rewards"
+            )
+        return [_as_reward(v) for v in output]
+
+    def _note(self, error: BaseException, what: str) -> None:
+        with self._lock:
+            self.stats.last_error = f"{type(error).__name__}: {error}"
+            count = self.stats.batch_failures + self.stats.sample_failures + self.stats.timeouts
+        if count <= 3 or count % 100 == 0:
+            logger.warning(
+                "reward rule %r %s: %s (failure %d)", self.__name__, what, self.stats.last_error, count
+            )
+
+    def __call__(self, completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+        n = len(completions)
+        with self._lock:
+            self.stats.calls += 1
+            self.stats.samples += n
+        call_kwargs = self._kwargs(kwargs)
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        failed = 0
+        try:
+            rewards = self._invoke(completions, call_kwargs, self.timeout_s)
+        except RuleTimeout as error:
+            with self._lock:
+                self.stats.timeouts += 1
+            self._note(error, "timed out on the batch")
+            rewards, failed = [None] * n, n
+        except Exception as error:
+            with self._lock:
+                self.stats.batch_failures += 1
+                self.stats.invalid_outputs += isinstance(error, _InvalidOutput)
+            self._note(error, "raised on the batch; retrying sample by sample")
+            rewards, failed = self._per_sample(completions, kwargs, deadline)
+        with self._lock:
+            self.stats.none_samples += sum(r is None for r in rewards)
+        log_metric = kwargs.get("log_metric")
+        if failed and callable(log_metric):
+            # TRL averages these per logging step; logged only for calls that had failures.
+            with contextlib.suppress(Exception):  # logging must never break training
+                log_metric(f"reward_errors/{self.__name__}", failed / n)
+        return rewards
+
+    def _per_sample(
+        self, completions: Sequence[Any], kwargs: Mapping[str, Any], deadline: float | None
+    ) -> tuple[list[float | None], int]:
+        n = len(completions)
+        rewards: list[float | None] = []
+        failed = 0
+        for i in range(n):
+            # Dataset columns (and TRL's per-sample lists) are lists of length n; everything else is shared.
+            sliced = {
+                key: value[i : i + 1] if isinstance(value, (list, tuple)) and len(value) == n else value
+                for key, value in kwargs.items()
+            }
+            remaining = None if deadline is None else deadline - time.monotonic()
+            try:
+                if remaining is not None and remaining <= 0:
+                    raise RuleTimeout(f"reward rule {self.__name__!r} ran out of time retrying samples")
+                rewards.append(self._invoke([completions[i]], self._kwargs(sliced), remaining)[0])
+            except RuleTimeout as error:
+                with self._lock:
+                    self.stats.timeouts += 1
+                self._note(error, f"timed out on sample {i}")
+                rewards.append(None)
+                failed += 1
+            except Exception as error:
+                with self._lock:
+                    self.stats.sample_failures += 1
+                    self.stats.invalid_outputs += isinstance(error, _InvalidOutput)
+                self._note(error, f"raised on sample {i}")
+                rewards.append(None)
+                failed += 1
+        return rewards, failed
+
+
+def bind_rule(
+    fn: RewardFunction, params: Mapping[str, Any], name: str, *, timeout_s: float | None = None
+) -> BoundRule:
+    """Bind recipe ``params`` to ``fn`` and return a safe TRL reward function named ``name``.
+
+    See ``BoundRule``: per-sample fallback when the batch call raises, None (and a count in
+    ``.stats`` / ``.failures``) for samples that fail, optional wall-clock ``timeout_s`` per call.
+    Parameters are not checked here; run ``check_rule_params`` first.
+    """
+    return BoundRule(fn, params, name, timeout_s)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI support: `align rewards list` and `align rewards try`
+# --------------------------------------------------------------------------------------------
+
+
+def _first_line(fn: Any) -> str:
+    doc = inspect.getdoc(fn) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _describe(name: str, fn: Any, source: str) -> dict[str, Any]:
+    signature = rule_signature(fn)
+    return {
+        "name": name,
+        "description": _first_line(fn),
+        "columns": list(signature.columns),
+        "params": {
+            key: {"type": type_name(annotation), "default": None if default is REQUIRED else default,
+                  "required": default is REQUIRED}
+            for key, (annotation, default) in signature.params.items()
+        },
+        "source": source,
+    }  # fmt: skip
+
+
+def describe_rules(include_entry_points: bool = True) -> list[dict[str, Any]]:
+    """One dict per available rule: name, description (docstring's first line), columns, params, source.
+
+    ``params`` maps each parameter to ``{"type", "default", "required"}``. ``source`` is
+    "builtin" or "entry point <value>"; an entry point that fails to load is listed with its error
+    as the description rather than breaking the listing.
+    """
+    rules = [_describe(name, fn, "builtin") for name, fn in _builtin_rules().items()]
+    if include_entry_points:
+        builtin = set(_builtin_rules())
+        for name, entry_point in sorted(_entry_points().items()):
+            if name in builtin:
+                continue
+            source = f"entry point {entry_point.value}"
+            try:
+                rules.append(_describe(name, entry_point.load(), source))
+            except Exception as error:
+                rules.append({"name": name, "description": f"(cannot load: {error!r})", "columns": [],
+                              "params": {}, "source": source})  # fmt: skip
+    return rules
+
+
+def try_rule(
+    name: str,
+    completion: str,
+    solution: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    *,
+    base_dir: Path | None = None,
+) -> float | None:
+    """Score one completion with one rule, for ``align rewards try``.
+
+    ``name`` is any spec ``resolve_rule`` accepts. ``solution`` fills the rule's one required
+    dataset column (``solution`` for math rules, ``test_cases`` for ``code``). String ``params``
+    are converted as ``coerce_params`` does. Lengths are in characters (no token ids here).
+    Unlike a bound rule, errors propagate, so the command shows what went wrong.
+    """
+    fn = resolve_rule(name, base_dir)
+    signature = rule_signature(fn)
+    typed = coerce_params(fn, params or {})
+    problems = check_rule_params(fn, typed)
+    if problems:
+        raise ValueError(f"rule {name!r}: " + "; ".join(problems))
+    columns: dict[str, Any] = {}
+    if len(signature.columns) > 1:
+        raise ValueError(
+            f"rule {name!r} needs several dataset columns ({', '.join(signature.columns)}); "
+            "only one can be given on the command line"
+        )
+    if signature.columns:
+        if solution is None:
+            raise ValueError(
+                f"rule {name!r} needs the dataset column {signature.columns[0]!r}: pass --solution"
+            )
+        columns[signature.columns[0]] = [solution]
+    output = fn([completion], **columns, **typed)
+    if len(output) != 1:
+        raise ValueError(f"rule {name!r} returned {len(output)} rewards for one completion")
+    return _as_reward(output[0])

@@ -1,0 +1,1 @@
+"""Tests of the rule-based rewards in reward_rules/."""
