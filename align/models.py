@@ -93,8 +93,16 @@ def load_tokenizer(spec: ModelSpec, path: str | None = None, padding_side: str =
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.chat_template:
+        tokenizer.chat_template = chat_template_text(spec.chat_template)
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def chat_template_text(value: str) -> str:
+    """A chat template given inline (Jinja) or as a path to a .jinja file."""
+    path = Path(value).expanduser()
+    return path.read_text(encoding="utf-8") if "{" not in value and path.is_file() else value
 
 
 def model_init_kwargs(spec: ModelSpec) -> dict[str, Any]:
@@ -201,3 +209,97 @@ def load_sequence_classifier(spec: ModelSpec, path: str | None = None, *, num_la
         tokenizer = load_tokenizer(spec, None if spec.tokenizer else source)
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def score_with_reward_model(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Any],
+    completions: list[str],
+    *,
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> list[float]:
+    """Scalar scores of a sequence-classification reward model for prompt + completion texts.
+
+    Conversational prompts are rendered with the reward model's chat template as
+    `[*prompt, {"role": "assistant", "content": completion}]` — the way TRL's RewardTrainer tokenised
+    its training pairs, so the scores mean what they meant in training; plain-string prompts are
+    concatenated with the completion and EOS. Shared by rejection sampling and usable by PPO.
+    """
+    import torch
+
+    if not prompts:
+        return []
+    if isinstance(prompts[0], str):
+        eos = tokenizer.eos_token or ""
+        rendered = [p + t + (eos if not t.endswith(eos) else "") for p, t in zip(prompts, completions, strict=True)]
+        special = True
+    else:
+        rendered = [
+            tokenizer.apply_chat_template([*p, {"role": "assistant", "content": t}], tokenize=False)
+            for p, t in zip(prompts, completions, strict=True)
+        ]
+        special = False
+    target = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores: list[float] = []
+    try:
+        for start in range(0, len(rendered), batch_size):
+            enc = tokenizer(
+                rendered[start : start + batch_size], add_special_tokens=special, padding=True,
+                truncation=max_length is not None, max_length=max_length, return_tensors="pt",
+            ).to(target)
+            with torch.no_grad():
+                scores.extend(model(**enc, use_cache=False).logits[:, 0].float().cpu().tolist())
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def checkpoint_parameter_count(path: str) -> int | None:
+    """Parameters of a local full checkpoint, read from its safetensors headers without loading any
+    weights (a teacher used only through its traces need not be loaded to be measured). None for hub
+    ids, adapters and other formats."""
+    import math
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() and not is_adapter(path) else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
+    return total
+
+
+_reward_models: dict[str, tuple[Any, Any]] = {}
+
+
+def reward_model_reward(
+    completions: list[Any], *, model: str, batch_size: int = 32, max_length: int | None = None, **kwargs: Any
+) -> list[float]:
+    """A reward model as a rule reward, so GRPO (which takes rules) can use one: the scalar score of
+    the sequence-classification checkpoint `model` (e.g. `${stages.rm.model}`) for prompt + completion.
+    In a recipe: `{rule: "align.models:reward_model_reward", params: {model: ${stages.rm.model}}}`.
+    The model is loaded once per process, onto this process's GPU when there is one."""
+    import torch
+
+    from align.data import message_text
+    from align.recipe.schema import ModelSpec
+
+    prompts = kwargs.get("prompts")
+    if prompts is None:
+        raise ValueError("reward_model_reward needs the prompts (TRL passes them as `prompts`)")
+    if model not in _reward_models:
+        spec = ModelSpec(name_or_path=model)
+        target = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        scorer = load_sequence_classifier(spec).requires_grad_(False).eval().to(target)
+        _reward_models[model] = (scorer, load_tokenizer(spec, padding_side="right"))
+    scorer, tokenizer = _reward_models[model]
+    texts = [message_text(c) for c in completions]
+    return score_with_reward_model(scorer, tokenizer, list(prompts), texts, batch_size=batch_size, max_length=max_length)

@@ -27,6 +27,9 @@ class ModelSpec(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    chat_template: str | None = Field(
+        default=None, description="Override the tokenizer's chat template: Jinja text or a path to a .jinja file."
+    )
 
 
 class DataSpec(Strict):
@@ -79,6 +82,7 @@ class RewardSpec(Strict):
     weight: float = 1.0
     params: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, description="Name to log it under (default: the rule's name).")
+    timeout_s: float | None = Field(default=None, gt=0, description="Wall-clock limit per call; a sample past it scores None.")
 
 
 class LauncherSpec(Strict):

@@ -161,7 +161,10 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
     assert config.model is not None
     tokenizer = load_tokenizer(config.model, padding_side="left")
     train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), tokenizer, config)
-    bound = [bind_rule(resolve_rule(r.rule, ctx.base_dir), r.params, r.name or r.rule.rsplit(":", 1)[-1]) for r in config.rewards]
+    bound = [
+        bind_rule(resolve_rule(r.rule, ctx.base_dir), r.params, r.name or r.rule.rsplit(":", 1)[-1], timeout_s=r.timeout_s)
+        for r in config.rewards
+    ]
     recorder = SampleRecorder()
     work_dir = ctx.artifact("trainer")
     args = trl_config(config, work_dir, reward_weights=[r.weight for r in config.rewards])
