@@ -117,8 +117,8 @@ def load_dataset(spec: DataSpec, base_dir: Path, seed: int = 0) -> Any:
 
     make = _embedded_maker(spec.path)
     if make is not None:
-        return make(spec.path, spec.split, spec.num_examples or 1000, seed=seed, **spec.params)
-    if _is_local(spec.path):
+        dataset = make(spec.path, spec.split, spec.num_examples or 1000, seed=seed, **spec.params)
+    elif _is_local(spec.path):
         path = _local_path(spec, base_dir)
         if path.is_dir():
             dataset = _load_dir(path)
@@ -132,8 +132,8 @@ def load_dataset(spec: DataSpec, base_dir: Path, seed: int = 0) -> Any:
         if missing:
             raise DataError(f"cannot rename missing column(s) {missing} of {spec.path}")
         dataset = dataset.rename_columns(spec.columns)
-    if spec.num_examples is not None:
-        dataset = dataset.select(range(min(spec.num_examples, len(dataset))))
+    if spec.num_examples is not None and len(dataset) > spec.num_examples:
+        dataset = dataset.select(range(spec.num_examples))
     return dataset
 
 

@@ -3,7 +3,7 @@ rendered with the chat template, left-padded, and generated many at a time with 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -166,3 +166,110 @@ def _to_sample(ids: list[int], eos_ids: list[int], pad_id: int, tokenizer: Any) 
         while ids and ids[-1] == pad_id and pad_id not in eos_ids:
             ids = ids[:-1]
     return Sample(tokenizer.decode(ids, skip_special_tokens=True), ids, finished)
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM (optional): the same `list[list[Sample]]` contract as `generate`, for stages that sample a lot
+# (rejection sampling, distillation traces) on GPUs. Kept separate so the HF path never imports it.
+# ------------------------------------------------------------------------------------------------
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def load_vllm(
+    model_path: str,
+    *,
+    tokenizer_path: str | None = None,
+    seed: int = 0,
+    dtype: str = "auto",
+    gpu_memory_utilization: float = 0.9,
+    tensor_parallel_size: int = 1,
+    max_model_len: int | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """A vLLM engine for a full checkpoint folder or hub id (vLLM cannot load an unmerged PEFT adapter)."""
+    from pathlib import Path
+
+    if Path(model_path, "adapter_config.json").exists():
+        raise ValueError(f"{model_path} is a PEFT adapter; vLLM needs full weights (set lora.merge: true when training it)")
+    from vllm import LLM
+
+    return LLM(
+        model=model_path,
+        tokenizer=tokenizer_path or model_path,
+        seed=seed,
+        dtype=dtype,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def generate_vllm(
+    llm: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+) -> list[list[Sample]]:
+    """`generate` on a vLLM engine. Prompts go in as token ids encoded exactly as the HF path encodes
+    them, so a chat template that already writes BOS does not get a second one from vLLM."""
+    from vllm import SamplingParams
+
+    if temperature == 0.0 and num_samples > 1:
+        raise ValueError("greedy decoding (temperature 0) gives identical samples; set temperature > 0")
+    params = SamplingParams(
+        n=num_samples,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k or -1,
+        max_tokens=max_new_tokens,
+        seed=seed,
+        skip_special_tokens=True,
+    )
+    requests = [{"prompt_token_ids": ids} for ids in encode_prompts(tokenizer, prompts)]
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    return [
+        [Sample(c.text, list(c.token_ids), c.finish_reason == "stop") for c in out.outputs] for out in outputs
+    ]
+
+
+Sampler = Callable[..., list[list[Sample]]]
+
+
+def make_sampler(
+    model_path: str,
+    tokenizer: Any,
+    *,
+    use_vllm: bool = False,
+    seed: int = 0,
+    vllm_kwargs: dict[str, Any] | None = None,
+    load_model: Callable[[], Any] | None = None,
+) -> Sampler:
+    """A `prompts → list[list[Sample]]` function over one loaded model, HF or vLLM, so a stage that
+    samples in chunks loads the model once. Call it with `generate`'s keyword arguments (vLLM ignores
+    `batch_size`: it schedules its own batches)."""
+    if use_vllm:
+        llm = load_vllm(model_path, seed=seed, **(vllm_kwargs or {}))
+
+        def vllm_sampler(prompts: Sequence[Prompt], *, batch_size: int = 0, **kwargs: Any) -> list[list[Sample]]:
+            return generate_vllm(llm, tokenizer, prompts, **kwargs)
+
+        return vllm_sampler
+    assert load_model is not None, "the HF path needs a model loader"
+    model = load_model()
+
+    def hf_sampler(prompts: Sequence[Prompt], **kwargs: Any) -> list[list[Sample]]:
+        return generate(model, tokenizer, prompts, **kwargs)
+
+    return hf_sampler

@@ -16,19 +16,21 @@ from align.recipe.validate import trl_config_fields
 logger = logging.getLogger("align")
 
 
-def trl_config(config: StageConfig, output_dir: Path, **fixed: Any) -> Any:
+def trl_config(config: StageConfig, output_dir: Path, config_class: str | None = None, **fixed: Any) -> Any:
     """Build the stage's TRL config: its typed knobs, every passed-through TRL key, then `fixed`
-    (values the stage itself decides). bf16 and gradient checkpointing are decided per device."""
+    (values the stage itself decides). bf16 and gradient checkpointing are decided per device.
+    `config_class` ("module:Class") overrides the stage's `trl_config_class`, for a stage that drives
+    one of two trainers (distill: SFT or GKD); only that class's fields are taken from the config."""
     import torch
 
-    dotted = config.trl_config_class
+    dotted = config_class or config.trl_config_class
     assert dotted is not None
     module_name, _, class_name = dotted.partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     fields = trl_config_fields(dotted)
     values = config.model_dump()
     kwargs: dict[str, Any] = {k: v for k, v in values.items() if k in fields and k not in ("model",)}
-    kwargs.update(config.model_extra or {})
+    kwargs.update({k: v for k, v in (config.model_extra or {}).items() if config_class is None or k in fields})
     if isinstance(config, TrainingKnobs):
         kwargs["bf16"] = use_bf16(config.bf16)
         kwargs["gradient_checkpointing"] = use_gradient_checkpointing(config.gradient_checkpointing)
@@ -39,6 +41,27 @@ def trl_config(config: StageConfig, output_dir: Path, **fixed: Any) -> Any:
     kwargs.setdefault("use_cpu", not torch.cuda.is_available())
     kwargs.update(fixed)
     return cls(output_dir=str(output_dir), **kwargs)
+
+
+#: Column layouts SFT understands, in the order they are tried.
+SFT_LAYOUTS: tuple[tuple[str, ...], ...] = (("messages",), ("prompt", "completion"), ("text",))
+
+
+def sft_layout(columns: Any) -> tuple[str, ...] | None:
+    """The first SFT layout whose columns the data has, or None."""
+    return next((layout for layout in SFT_LAYOUTS if set(layout) <= set(columns)), None)
+
+
+def prepare_sft_dataset(dataset: Any, system_prompt: str | None) -> Any:
+    """Keep only the columns of the data's SFT layout (TRL would otherwise try to collate the rest) and
+    add the system prompt to conversational rows that lack one. Used by the sft and distill stages."""
+    from align.generation import with_system_prompt
+
+    keep = sft_layout(dataset.column_names) or SFT_LAYOUTS[-1]
+    dataset = dataset.select_columns(list(keep))
+    if system_prompt and keep[0] in ("messages", "prompt") and isinstance(dataset[0][keep[0]], list):
+        dataset = dataset.map(lambda row: {keep[0]: with_system_prompt(row[keep[0]], system_prompt)})
+    return dataset
 
 
 def metrics_callback(writer: MetricsWriter) -> Any:

@@ -74,6 +74,8 @@ def test_embedded_task_loads_requested_rows(tmp_path: Path) -> None:
     dataset = load_dataset(DataSpec(path="align:arithmetic", split="test", num_examples=7), tmp_path, seed=3)
     assert len(dataset) == 7
     assert {"prompt", "completion", "solution"} <= set(dataset.column_names)
+    renamed = load_dataset(DataSpec(path="align:arithmetic", num_examples=2, columns={"solution": "answer"}), tmp_path)
+    assert "answer" in renamed.column_names and "solution" not in renamed.column_names
 
 
 def test_chat_prompt() -> None:

@@ -20,6 +20,8 @@ STAGE_TYPES: dict[str, str] = {
     "grpo": "align.stages.grpo",
     "reward_model": "align.stages.reward_model",
     "ppo": "align.stages.ppo",
+    "rejection_sampling": "align.stages.rejection_sampling",
+    "distill": "align.stages.distill",
 }
 
 

@@ -16,12 +16,14 @@ from pydantic import ConfigDict, Field, PositiveInt
 
 from align.recipe.schema import Data, LoraSpec, StageConfig, TrainingKnobs
 from align.recipe.validate import CheckContext
+from align.training import SFT_LAYOUTS
+from align.training import prepare_sft_dataset as _prepare
 
 logger = logging.getLogger("align")
 
 ARTIFACTS = {"model": "model"}
-#: Column layouts SFT understands, in the order they are tried.
-LAYOUTS = (("messages",), ("prompt", "completion"), ("text",))
+#: Column layouts SFT understands, in the order they are tried (shared with distill).
+LAYOUTS = SFT_LAYOUTS
 
 
 class Config(StageConfig, TrainingKnobs):
@@ -55,16 +57,6 @@ def check(config: Config, ctx: CheckContext) -> None:
 
 def output_columns(config: Config) -> set[str] | None:
     return None
-
-
-def _prepare(dataset: Any, system_prompt: str | None) -> Any:
-    from align.generation import with_system_prompt
-
-    keep = next((layout for layout in LAYOUTS if set(layout) <= set(dataset.column_names)), LAYOUTS[-1])
-    dataset = dataset.select_columns(list(keep))
-    if system_prompt and keep[0] in ("messages", "prompt") and isinstance(dataset[0][keep[0]], list):
-        dataset = dataset.map(lambda row: {keep[0]: with_system_prompt(row[keep[0]], system_prompt)})
-    return dataset
 
 
 def run(config: Config, ctx: Any) -> dict[str, Any]:

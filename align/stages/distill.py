@@ -1,0 +1,346 @@
+"""distill: teach a smaller student what a teacher does — R1's last step ("distillation: empower small
+models with reasoning capability": R1's 800k curated samples fine-tune Qwen/Llama students by SFT alone).
+
+Traces (`traces`): `teacher` — the teacher samples `num_generations` completions for each prompt of
+`dataset` (batched with the KV cache, or vLLM), written to `traces.jsonl`; `dataset` — the dataset's
+own completions are the traces (e.g. `${stages.rs.dataset}`, which is what R1 did); `auto` — `dataset`
+when the data has completions (messages or prompt/completion), else `teacher`. Under a multi-process
+launcher every process samples all the traces (same seed, same traces) before training on its shard;
+for big trace sets sample them in a rejection_sampling stage (vLLM, filtered) and use `traces: dataset`.
+
+Methods (`method`):
+- `sequence` (default, the R1 way): the student is fine-tuned on the traces with TRL's `SFTTrainer`,
+  exactly as the sft stage trains (same data preparation, completion-only loss). Teacher and student
+  may have different tokenizers and architectures.
+- `logit`: the student matches the teacher's next-token distributions on the traces with TRL's
+  `GKDTrainer` (generalised JSD: `beta` 0 = forward KL, 1 = reverse KL; `lmbda` = share of batches
+  replaced by the student's own samples, i.e. on-policy; `seq_kd` = replaced by fresh teacher
+  samples). It needs a shared vocabulary, checked at validation when both models are local or
+  embedded (references are followed back to the model they were trained from).
+  Why GKDTrainer and not TRL's stable `DistillationTrainer`: that one is on-policy only — every step
+  the student generates and the teacher scores — which gives noise from a freshly initialised
+  student and spends most of a CPU step in generation; GKD covers off-policy (lmbda 0, our
+  default), mixed and on-policy (lmbda 1) with one config. On the embedded task both methods bring
+  align:tiny-student to its teacher's accuracy (800 steps on 4000 greedy teacher traces: sequence
+  94.5 %, logit 95.0 %, teacher 91.5 % held-out); a logit step costs ~1.3× a sequence step.
+
+The student (`student`, default `align:tiny-student`: ≤ 1/4 of `align:tiny`'s parameters, same
+tokenizer) may be any causal LM; `lora:` trains it as LoRA. The teacher is `teacher`, else the stage's
+`model`. Every other `GKDConfig` / `SFTConfig` field may be set on the stage as-is (GKD-only ones only
+with method: logit). Metrics add the parameter counts of both and their ratio, the number of traces,
+and, when the teacher wrote them and the data has a `solution` column, the traces' accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, PositiveInt
+
+from align.recipe.schema import REFERENCE, Data, LoraSpec, Model, ModelSpec, StageConfig, TrainingKnobs
+from align.recipe.validate import CheckContext
+
+logger = logging.getLogger("align")
+# GKD lives in trl.experimental, which warns on every import; align pins trl to one minor version
+# (pyproject), so the API this stage uses cannot move under it.
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+ARTIFACTS = {"model": "model", "traces": "traces.jsonl"}
+#: GKDConfig fields SFTConfig lacks: meaningless for method: sequence.
+GKD_ONLY_KEYS = ("lmbda", "beta", "seq_kd", "max_new_tokens", "disable_dropout")
+#: Set from `teacher:`, never directly.
+TEACHER_KEYS = ("teacher_model_name_or_path", "teacher_model_init_kwargs")
+
+
+class Config(StageConfig, TrainingKnobs):
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    trl_config_class: ClassVar[str | None] = "trl.experimental.gkd:GKDConfig"
+
+    type: Literal["distill"] = "distill"
+    dataset: Data = Field(description="Prompts (teacher traces) or SFT data whose completions are the traces.")
+    teacher: Model | None = Field(default=None, description="Default: the stage's `model`.")
+    student: Model = Field(default_factory=lambda: ModelSpec(name_or_path="align:tiny-student"))
+    method: Literal["sequence", "logit"] = "sequence"
+    traces: Literal["auto", "teacher", "dataset"] = "auto"
+    system_prompt: str | None = Field(default=None, description="Prepended to conversational prompts that lack one.")
+    conversational: bool = Field(default=True, description="Plain-string prompts become a user message (chat template).")
+    lora: LoraSpec | None = Field(default=None, description="Train the student as LoRA.")
+
+    # teacher traces (and GKD's on-policy samples: `temperature` is GKDConfig's too)
+    num_generations: PositiveInt = Field(default=1, description="Teacher traces per prompt.")
+    temperature: float = Field(default=0.6, ge=0.0, description="Sampling temperature; 0 = greedy traces.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_completion_length: PositiveInt = 512
+    generation_batch_size: PositiveInt = 64
+    drop_truncated: bool = Field(default=True, description="Drop teacher traces that never emitted EOS.")
+    use_vllm: bool = False
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    vllm_tensor_parallel_size: PositiveInt = 1
+
+    # logit-level (GKDConfig's names; both defaults differ from TRL's 0.5: a fresh student's own
+    # samples teach it nothing, and forward KL learnt far faster than JSD(0.5) on the embedded task —
+    # 300 steps into align:tiny-student: 43.5 % vs 12 % held-out accuracy)
+    lmbda: float = Field(default=0.0, ge=0.0, le=1.0, description="Share of on-policy (student-sampled) batches.")
+    beta: float = Field(default=0.0, ge=0.0, le=1.0, description="Generalised JSD: 0 forward KL, 1 reverse KL.")
+    seq_kd: bool = Field(default=False, description="Replace off-policy batches by fresh teacher samples.")
+
+    learning_rate: float = Field(default=2e-5, gt=0)
+    max_length: PositiveInt | None = 1024
+    packing: bool = False
+
+
+# ------------------------------------------------------------------------------------------------
+# checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _has_traces(columns: set[str]) -> bool:
+    return "messages" in columns or {"prompt", "completion"} <= columns
+
+
+def check(config: Config, ctx: CheckContext) -> None:
+    columns = ctx.dataset_columns(config.dataset, ("dataset",))
+    if columns is not None:
+        if config.traces == "dataset" and not _has_traces(columns):
+            ctx.error(("dataset", "path"), f"traces: dataset needs columns messages or prompt+completion; "
+                      f"'{config.dataset.path}' has: {', '.join(sorted(columns))}")
+        elif config.traces != "dataset" and "prompt" not in columns and not _has_traces(columns):
+            ctx.error(("dataset", "path"), f"dataset '{config.dataset.path}' needs a prompt column (teacher traces) "
+                      f"or messages / prompt+completion; it has: {', '.join(sorted(columns))}")
+    extra = config.model_extra or {}
+    for key in TEACHER_KEYS:
+        if key in extra:
+            ctx.error((key,), f"'{key}' is set from `teacher:`; remove it")
+    if config.method == "sequence":
+        for key in GKD_ONLY_KEYS:
+            if key in config.model_fields_set or key in extra:
+                ctx.error((key,), f"'{key}' only applies to method: logit (GKD); method is sequence")
+    else:
+        if config.packing:
+            ctx.error(("packing",), "method: logit (GKD) cannot pack sequences; set packing: false")
+        if not config.conversational:
+            ctx.error(("conversational",), "method: logit (GKD) needs conversational data (chat messages)")
+        if config.temperature == 0.0 and (config.lmbda > 0 or config.seq_kd):
+            ctx.error(("temperature",), "on-policy / seq_kd samples need temperature > 0")
+    if config.temperature == 0.0 and config.num_generations > 1:
+        ctx.error(("num_generations",), "greedy decoding (temperature 0) gives one distinct trace; set temperature > 0")
+    if config.use_vllm and ctx.check_models:
+        from align.generation import vllm_available
+
+        if not vllm_available():
+            ctx.error(("use_vllm",), "vLLM is not installed (pip install 'align[vllm]'); set use_vllm: false to use HF generate")
+    teacher = config.teacher or ctx.model_spec(config)
+    if ctx.check_models:
+        from align.models import model_spec_problem
+
+        for key, spec in (("teacher", config.teacher), ("student", config.student)):
+            if spec is None or REFERENCE.match(spec.name_or_path):
+                continue
+            if problem := model_spec_problem(spec, ctx.base_dir):
+                ctx.error((key, "name_or_path"), problem)
+        if config.method == "logit":
+            problem = vocabulary_mismatch(_origin(teacher, ctx), _origin(config.student, ctx), ctx.base_dir)
+            if problem:
+                ctx.error(("student",), f"method: logit needs teacher and student to share a vocabulary: {problem}")
+
+
+def _origin(spec: ModelSpec, ctx: CheckContext) -> ModelSpec | None:
+    """The model a spec really starts from: `${stages.X.model}` is followed to the model stage X
+    trained (its student for a distill stage); None when that is not known before running."""
+    for _ in range(len(ctx.earlier) + 1):
+        match = REFERENCE.match(spec.name_or_path)
+        if not match:
+            return spec
+        producer = ctx.earlier.get(match.group(1))
+        if producer is None or match.group(2) != "model":
+            return None
+        student = getattr(producer, "student", None) if producer.type == "distill" else None
+        spec = student or ctx.model_spec(producer)
+    return None
+
+
+def _local_model_dir(spec: ModelSpec, base_dir: Path) -> Path | None:
+    from align.embedded import embedded_model_path, is_embedded
+    from align.recipe.validate import resolve_user_path
+
+    if is_embedded(spec.name_or_path):
+        return embedded_model_path(spec.name_or_path)
+    path = resolve_user_path(spec.name_or_path, base_dir)
+    return path if path.is_dir() else None
+
+
+def vocabulary_mismatch(teacher: ModelSpec | None, student: ModelSpec | None, base_dir: Path) -> str | None:
+    """Why two models cannot share logits (different token→id maps or output sizes), or None when they
+    can or when it cannot be known offline (hub ids, later-stage outputs)."""
+    import json
+
+    from align.embedded import EMBEDDED_MODELS
+
+    if teacher is None or student is None:
+        return None
+    names = (teacher.name_or_path, student.name_or_path)
+    if all(n in EMBEDDED_MODELS for n in names) and not teacher.tokenizer and not student.tokenizer:
+        a, b = (EMBEDDED_MODELS[n].tokenizer for n in names)
+        return None if a == b else f"{names[0]} and {names[1]} use different embedded tokenizers"
+    dirs = [_local_model_dir(s, base_dir) for s in (teacher, student)]
+    if any(d is None for d in dirs):
+        return None
+    sizes = []
+    for d in dirs:
+        config_file = Path(d, "config.json")
+        raw = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        sizes.append(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size"))
+    if None not in sizes and sizes[0] != sizes[1]:
+        return f"teacher vocab_size {sizes[0]} ≠ student vocab_size {sizes[1]}"
+    from transformers import AutoTokenizer
+
+    vocabularies = [AutoTokenizer.from_pretrained(s.tokenizer or str(d)).get_vocab()
+                    for s, d in zip((teacher, student), dirs, strict=True)]  # fmt: skip
+    if vocabularies[0] != vocabularies[1]:
+        differing = sorted(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))[:3]
+        return f"their tokenizers map tokens to ids differently (e.g. {differing})"
+    return None
+
+
+def output_columns(config: Config) -> set[str] | None:
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+# ------------------------------------------------------------------------------------------------
+
+
+def trace_source(config: Config, columns: list[str]) -> Literal["teacher", "dataset"]:
+    if config.traces == "auto":
+        return "dataset" if _has_traces(set(columns)) else "teacher"
+    return config.traces
+
+
+def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: Any) -> tuple[Any, dict[str, Any]]:
+    """Sample the teacher's traces for every prompt; return them as a prompt/completion dataset (the
+    prompt's other columns kept) and figures about them. Also written to `traces.jsonl`."""
+    from datasets import Dataset
+
+    from align.data import chat_prompt, write_jsonl
+    from align.generation import make_sampler
+    from align.models import device, load_causal_lm, load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(teacher, padding_side="left")
+    sample = make_sampler(
+        resolve_model_path(teacher.name_or_path, ctx.base_dir), tokenizer, use_vllm=config.use_vllm, seed=ctx.seed,
+        vllm_kwargs={"gpu_memory_utilization": config.vllm_gpu_memory_utilization,
+                     "tensor_parallel_size": config.vllm_tensor_parallel_size,
+                     "dtype": teacher.dtype, "trust_remote_code": teacher.trust_remote_code},
+        load_model=lambda: load_causal_lm(teacher).to(device()),
+    )  # fmt: skip
+    rows = dataset.to_list()
+    prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
+    samples = sample(
+        prompts, num_samples=config.num_generations, max_new_tokens=config.max_completion_length,
+        temperature=config.temperature, top_p=config.top_p, batch_size=config.generation_batch_size, seed=ctx.seed,
+    )  # fmt: skip
+    traces: list[dict[str, Any]] = []
+    truncated = 0
+    for row, prompt, row_samples in zip(rows, prompts, samples, strict=True):
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "completion", "messages", "text")}
+        for s in row_samples:
+            if config.drop_truncated and not s.finished:
+                truncated += 1
+                continue
+            completion = [{"role": "assistant", "content": s.text}] if not isinstance(prompt, str) else s.text
+            traces.append({"prompt": prompt, "completion": completion, **extra})
+    if os.environ.get("RANK", "0") == "0":  # under accelerate every process samples the same traces
+        write_jsonl(traces, ctx.artifact(ARTIFACTS["traces"]))
+    figures: dict[str, Any] = {"num_traces": len(traces), "dropped_truncated": truncated}
+    if traces and "solution" in traces[0]:
+        from align.data import message_text
+        from reward_rules import RULES
+
+        correct = RULES["accuracy"]([message_text(t["completion"]) for t in traces], solution=[t["solution"] for t in traces])
+        figures["trace_accuracy"] = round(sum(c or 0.0 for c in correct) / len(traces), 4)
+    if not traces:
+        raise RuntimeError("the teacher produced no usable trace (all truncated?); raise max_completion_length")
+    return Dataset.from_list(traces), figures
+
+
+def _as_messages(dataset: Any) -> Any:
+    """GKD's collator reads whole conversations from `messages` (and a `prompt` column would be taken
+    as an already-rendered prompt string), so prompt/completion rows become messages."""
+    if "messages" in dataset.column_names:
+        return dataset
+    return dataset.map(lambda row: {"messages": row["prompt"] + row["completion"]}, remove_columns=["prompt", "completion"])
+
+
+def _check_shared_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any, teacher: Any, student: Any) -> None:
+    t_size, s_size = teacher.config.get_text_config().vocab_size, student.config.get_text_config().vocab_size
+    if t_size != s_size or teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise ValueError(f"method: logit needs a shared vocabulary; teacher vocab_size {t_size}, student {s_size}"
+                         + ("" if t_size != s_size else ", and their tokenizers map tokens to ids differently"))
+
+
+def run(config: Config, ctx: Any) -> dict[str, Any]:
+    from align.data import load_dataset
+    from align.models import (
+        checkpoint_parameter_count,
+        device,
+        load_causal_lm,
+        load_tokenizer,
+        peft_config,
+        resolve_model_path,
+        save_model,
+    )
+    from align.training import final_train_metrics, metrics_callback, prepare_sft_dataset, trl_config
+
+    teacher = config.teacher or config.model
+    assert teacher is not None
+    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
+    figures: dict[str, Any] = {}
+    if trace_source(config, dataset.column_names) == "teacher":
+        train, figures = _teacher_traces(config, teacher, dataset, ctx)
+    else:
+        train = dataset
+        figures["num_traces"] = len(train)
+        ctx.artifact(ARTIFACTS["traces"]).touch()  # the traces are the dataset's; nothing new to write
+    train = prepare_sft_dataset(train, config.system_prompt)
+    tokenizer = load_tokenizer(config.student, padding_side="right")
+    student = load_causal_lm(config.student)
+    student_params = sum(p.numel() for p in student.parameters())  # before LoRA adds its own
+    work_dir = ctx.artifact("trainer")
+    callbacks = [metrics_callback(ctx.metrics)]
+    lora = peft_config(config.lora) if config.lora else None
+    teacher_model = None
+    if config.method == "sequence":
+        from trl import SFTTrainer
+
+        args = trl_config(config, work_dir, config_class="trl:SFTConfig")
+        trainer = SFTTrainer(model=student, args=args, train_dataset=train, processing_class=tokenizer,
+                             peft_config=lora, callbacks=callbacks)  # fmt: skip
+    else:
+        from trl.experimental.gkd import GKDTrainer
+
+        teacher_model = load_causal_lm(teacher).to(device()).eval()
+        _check_shared_vocabulary(load_tokenizer(teacher), tokenizer, teacher_model, student)
+        args = trl_config(config, work_dir)
+        trainer = GKDTrainer(model=student, teacher_model=teacher_model, args=args, train_dataset=_as_messages(train),
+                             processing_class=tokenizer, peft_config=lora, callbacks=callbacks)  # fmt: skip
+    if teacher_model is not None:
+        teacher_params: int | None = sum(p.numel() for p in teacher_model.parameters())
+    else:
+        teacher_params = checkpoint_parameter_count(resolve_model_path(teacher.name_or_path, ctx.base_dir))
+    logger.info("distill (%s): %d traces, student %s parameters, teacher %s", config.method, len(train),
+                f"{student_params:,}", f"{teacher_params:,}" if teacher_params else "?")
+    result = trainer.train()
+    metrics = {**figures, **final_train_metrics(trainer, result), "student_params": student_params}
+    if teacher_params:
+        metrics["teacher_params"] = teacher_params
+        metrics["student_teacher_param_ratio"] = round(student_params / teacher_params, 4)
+    if trainer.is_world_process_zero():
+        save_model(trainer.model, tokenizer, ctx.artifact(ARTIFACTS["model"]), merge=bool(config.lora and config.lora.merge))
+        shutil.rmtree(work_dir, ignore_errors=True)
+    ctx.metrics.write(metrics)
+    return metrics

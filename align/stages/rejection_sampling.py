@@ -1,0 +1,542 @@
+"""rejection_sampling: sample many completions per prompt from a model, score them, keep the good ones
+as an SFT dataset — R1's stage 3 ("reasoning data": ~600k samples from the RL checkpoint, keeping only
+correct, readable ones, then adding ~200k non-reasoning samples).
+
+Per prompt, `num_generations` completions are sampled (batched across prompts with the KV cache, or
+vLLM with `use_vllm: true`) and scored by rule rewards (`rewards`, the same specs GRPO takes) and/or a
+sequence-classification reward model (`reward_model`). The weighted score is Σ weightᵢ·ruleᵢ (+
+`reward_model_weight`·RM score); a rule that scores None adds nothing to it.
+
+Each prompt's samples then go, in this order, through:
+1. filters — `drop_truncated` (never emitted EOS), `max_tokens` (completion tokens, EOS included),
+   `language` (the `language_consistency` rule: share of the chain of thought in that script ≥
+   `min_language_share`; a chain of thought with no letters at all passes), `dedupe` (identical text
+   after whitespace normalisation: the first is kept);
+2. the keep policy (`select_samples`, a pure function):
+   - `all_pass`: every rule (and the RM, if `thresholds` names `reward_model`) scores ≥ its threshold
+     (`thresholds[name]`, default `pass_threshold` = 1.0) — e.g. accuracy = 1 and format = 1;
+   - `best_of_n`: the single highest weighted score; `top_k`: the `keep_k` highest;
+   - `threshold`: every sample whose weighted score ≥ `score_threshold`;
+   `score_threshold`, when set, is also a floor for `all_pass`, `best_of_n` and `top_k`;
+3. `max_per_prompt`: at most this many per prompt, best weighted score first.
+
+The `dataset` artifact (JSONL) is in SFT's conversational prompt/completion layout, so an sft stage
+trains on `${stages.NAME.dataset}` directly. Each row keeps the prompt's original columns (solution,
+difficulty, …; a gold `completion` or `messages` column is dropped, the sample replaces it) plus
+provenance: `source` ("rejection_sampling" or "mix"), `source_model`, `sample_index`, `score`
+(weighted) and `scores` (per rule and `reward_model`). `mix_dataset` rows (SFT data: messages or
+prompt/completion) are added so they make up `mix_ratio` of the final dataset (R1: 200k of 800k =
+0.25); if the mix dataset is too small, all of it is used and the reached share is reported.
+
+Prompts with no accepted sample go to `rejected_prompts.jsonl` with their best score and why their
+samples were dropped. Metrics: acceptance rate (kept samples / generated samples) overall and per
+`difficulty` value when the data has that column, prompts covered, zero-accepted prompts, drops per
+filter, mean rule scores, samples/s of generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field, PositiveInt, PrivateAttr, model_validator
+
+from align.recipe.errors import did_you_mean
+from align.recipe.schema import Data, Model, RewardSpec, StageConfig
+from align.recipe.validate import CheckContext
+
+logger = logging.getLogger("align")
+
+ARTIFACTS = {"dataset": "dataset.jsonl", "rejected_prompts": "rejected_prompts.jsonl"}
+KeepPolicy = Literal["all_pass", "best_of_n", "top_k", "threshold"]
+REWARD_MODEL = "reward_model"
+PROVENANCE_COLUMNS = frozenset({"source", "source_model", "sample_index", "score", "scores"})
+#: Input columns the sample replaces: left in, SFT would train on the gold instead of the sample.
+REPLACED_COLUMNS = frozenset({"completion", "messages", "text"})
+
+
+class Config(StageConfig):
+    type: Literal["rejection_sampling"] = "rejection_sampling"
+    dataset: Data = Field(description="Prompts (`prompt` column) plus the columns the rules read.")
+    system_prompt: str | None = Field(default=None, description="Prepended to conversational prompts that lack one.")
+    conversational: bool = Field(default=True, description="Plain-string prompts become a user message (chat template).")
+
+    # sampling (TRL's names)
+    num_generations: PositiveInt = Field(default=8, description="Completions sampled per prompt.")
+    temperature: float = Field(default=1.0, ge=0.0, description="0 = greedy (then num_generations must be 1).")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, description="Sampling top-k; None/0 = off.")
+    max_completion_length: PositiveInt = 512
+    generation_batch_size: PositiveInt = Field(default=64, description="Sequences generated at once (HF path).")
+    chunk_size: PositiveInt = Field(default=1024, description="Prompts sampled, scored and written per chunk (bounds memory).")
+    use_vllm: bool = False
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    vllm_tensor_parallel_size: PositiveInt = 1
+    vllm_max_model_length: PositiveInt | None = None
+
+    # scoring
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Rule rewards, as in grpo.")
+    reward_model: Model | None = Field(default=None, description="Sequence-classification reward model.")
+    reward_model_weight: float = 1.0
+    reward_model_batch_size: PositiveInt = 32
+
+    # keep policy
+    keep: KeepPolicy = "all_pass"
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="all_pass: per-reward minimum by reward name (or 'reward_model')."
+    )
+    pass_threshold: float = Field(default=1.0, description="all_pass: minimum for rules not in `thresholds`.")
+    keep_k: PositiveInt = Field(default=1, description="top_k: samples kept per prompt.")
+    score_threshold: float | None = Field(
+        default=None, description="threshold: minimum weighted score; other policies: an extra floor."
+    )
+
+    # filters
+    drop_truncated: bool = Field(default=True, description="Drop samples that hit max_completion_length without EOS.")
+    max_tokens: PositiveInt | None = Field(default=None, description="Drop samples longer than this many tokens.")
+    language: str | None = Field(default=None, description="Drop samples whose chain of thought mixes scripts (e.g. 'en').")
+    language_params: dict[str, Any] = Field(
+        default_factory=dict, description="Other parameters of the language_consistency rule (think_tag)."
+    )
+    min_language_share: float = Field(default=0.95, ge=0.0, le=1.0)
+    dedupe: bool = Field(default=True, description="Drop repeated completions of the same prompt.")
+    max_per_prompt: PositiveInt | None = Field(default=None, description="Cap on samples kept per prompt.")
+
+    # mixing (R1's non-reasoning data)
+    mix_dataset: Data | None = Field(default=None, description="SFT data (messages or prompt/completion) to add.")
+    mix_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="Share of the final dataset taken from mix_dataset.")
+
+    # the input columns, found while checking, so `output_columns` can tell later stages what is written
+    _input_columns: set[str] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.keep == "threshold" and self.score_threshold is None:
+            raise ValueError("keep: threshold needs score_threshold")
+        if (self.mix_dataset is None) != (self.mix_ratio == 0.0):
+            raise ValueError("mix_dataset and mix_ratio > 0 go together")
+        if not self.rewards and self.reward_model is None:
+            raise ValueError("nothing to score samples with: set rewards, reward_model, or both")
+        return self
+
+
+def reward_names(config: Config) -> list[str]:
+    return [r.name or r.rule.rsplit(":", 1)[-1] for r in config.rewards]
+
+
+def check(config: Config, ctx: CheckContext) -> None:
+    from reward_rules.language import LANGUAGES
+
+    ctx.require_columns(config.dataset, ("dataset",), {"prompt": "completions are sampled from it"})
+    ctx.check_rewards(config.rewards, config.dataset)
+    config._input_columns = ctx.dataset_columns(config.dataset, ("dataset",))
+    names = reward_names(config)
+    for name, count in Counter(names).items():
+        if count > 1:
+            ctx.error(("rewards",), f"reward name '{name}' is used {count} times; give each a distinct `name`")
+    scored = set(names) | ({REWARD_MODEL} if config.reward_model is not None else set())
+    for key in config.thresholds:
+        if key not in scored:
+            ctx.error(("thresholds", key), f"'{key}' is not a reward of this stage{did_you_mean(key, sorted(scored))}; "
+                      f"rewards: {', '.join(sorted(scored))}")
+    if config.keep == "all_pass" and not config.rewards and REWARD_MODEL not in config.thresholds:
+        ctx.error(("keep",), "all_pass with only a reward model needs thresholds: {reward_model: <minimum score>}")
+    if config.keep != "all_pass" and config.thresholds:
+        ctx.error(("thresholds",), f"thresholds only apply to keep: all_pass (keep is {config.keep}); "
+                  "use score_threshold for a floor on the weighted score")
+    if config.keep != "top_k" and "keep_k" in config.model_fields_set:
+        ctx.error(("keep_k",), f"keep_k only applies to keep: top_k (keep is {config.keep})")
+    if config.temperature == 0.0 and config.num_generations > 1:
+        ctx.error(("num_generations",), "greedy decoding (temperature 0) gives one distinct sample; set temperature > 0")
+    if config.language is not None and config.language not in LANGUAGES:
+        ctx.error(("language",), f"unknown language '{config.language}'{did_you_mean(config.language, list(LANGUAGES))}")
+    if config.mix_dataset is not None:
+        from align.training import SFT_LAYOUTS, sft_layout
+
+        columns = ctx.dataset_columns(config.mix_dataset, ("mix_dataset",))
+        if columns is not None and sft_layout(columns) not in SFT_LAYOUTS[:2]:
+            ctx.error(("mix_dataset", "path"), f"mix dataset '{config.mix_dataset.path}' needs columns messages or "
+                      f"prompt+completion; it has: {', '.join(sorted(columns))}")
+    if config.use_vllm and ctx.check_models:
+        from align.generation import vllm_available
+
+        if not vllm_available():
+            ctx.error(("use_vllm",), "vLLM is not installed (pip install 'align[vllm]'); set use_vllm: false to use HF generate")
+    launcher = config.launcher or ctx.header.launcher
+    if launcher.type == "accelerate" and (launcher.num_processes or 1) > 1:
+        ctx.error(("launcher",), "rejection_sampling runs in one process (launcher inprocess or subprocess); "
+                  "spread a big model over GPUs with use_vllm and vllm_tensor_parallel_size")
+    if config.reward_model is not None and ctx.check_models:
+        from align.models import model_spec_problem
+        from align.recipe.schema import REFERENCE
+
+        spec = config.reward_model
+        if not REFERENCE.match(spec.name_or_path) and (problem := model_spec_problem(spec, ctx.base_dir)):
+            ctx.error(("reward_model", "name_or_path"), problem)
+
+
+def output_columns(config: Config) -> set[str] | None:
+    """Columns of the written dataset: the input's (minus a gold completion) plus the sample and its
+    provenance. None when the input's columns are unknown before running (hub data)."""
+    if config._input_columns is None:
+        return None
+    return (set(config._input_columns) - REPLACED_COLUMNS) | {"prompt", "completion"} | PROVENANCE_COLUMNS
+
+
+# ------------------------------------------------------------------------------------------------
+# filters and keep policy (pure)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One sample of a prompt with everything the filters and the keep policy look at."""
+
+    index: int  # among the prompt's samples
+    text: str
+    num_tokens: int
+    finished: bool  # ended with EOS
+    scores: Mapping[str, float | None]  # per reward name (and `reward_model`)
+    total: float  # weighted score
+    language_share: float | None = None  # language_consistency score; None = nothing to judge
+
+
+@dataclass(frozen=True)
+class KeepRules:
+    """The stage's filter and policy settings, as plain values."""
+
+    keep: KeepPolicy
+    thresholds: Mapping[str, float]  # all_pass: minimum per reward
+    keep_k: int = 1
+    score_threshold: float | None = None
+    drop_truncated: bool = True
+    max_tokens: int | None = None
+    min_language_share: float | None = None  # None: no language filter
+    dedupe: bool = True
+    max_per_prompt: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> KeepRules:
+        return cls(
+            keep=config.keep, thresholds=resolved_thresholds(config), keep_k=config.keep_k,
+            score_threshold=config.score_threshold, drop_truncated=config.drop_truncated,
+            max_tokens=config.max_tokens,
+            min_language_share=config.min_language_share if config.language is not None else None,
+            dedupe=config.dedupe, max_per_prompt=config.max_per_prompt,
+        )  # fmt: skip
+
+
+def passes_all(scores: Mapping[str, float | None], thresholds: Mapping[str, float]) -> bool:
+    """Every named score is present and at least its threshold (None — the rule could not judge — fails)."""
+    for name, minimum in thresholds.items():
+        value = scores.get(name)
+        if value is None or value < minimum:
+            return False
+    return True
+
+
+def select_samples(
+    candidates: Sequence[Scored],
+    keep: KeepPolicy,
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    keep_k: int = 1,
+    score_threshold: float | None = None,
+) -> list[int]:
+    """The keep policy: indices of the kept candidates, best weighted score first (ties: lower index
+    first). `thresholds` is the per-reward minimum for `all_pass`; `score_threshold` is the cut for
+    `threshold` and an extra floor for the other policies."""
+    ranked = sorted(candidates, key=lambda c: (-c.total, c.index))
+    if score_threshold is not None:
+        ranked = [c for c in ranked if c.total >= score_threshold]
+    if keep == "all_pass":
+        ranked = [c for c in ranked if passes_all(c.scores, thresholds or {})]
+    elif keep == "best_of_n":
+        ranked = ranked[:1]
+    elif keep == "top_k":
+        ranked = ranked[:keep_k]
+    elif keep != "threshold":
+        raise ValueError(f"unknown keep policy {keep!r}")
+    return [c.index for c in ranked]
+
+
+def judge(samples: Sequence[Scored], rules: KeepRules) -> tuple[list[int], Counter[str]]:
+    """One prompt's samples through the filters, the keep policy and the cap, in that order.
+    Returns the kept indices (best first) and how many samples each step dropped."""
+    dropped: Counter[str] = Counter()
+    candidates: list[Scored] = []
+    seen: set[str] = set()
+    for s in samples:
+        key = normalize_text(s.text)
+        if rules.drop_truncated and not s.finished:
+            dropped["truncated"] += 1
+        elif rules.max_tokens is not None and s.num_tokens > rules.max_tokens:
+            dropped["too_long"] += 1
+        elif (rules.min_language_share is not None and s.language_share is not None
+              and s.language_share < rules.min_language_share):  # fmt: skip
+            dropped["language"] += 1
+        elif rules.dedupe and key in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(key)
+            candidates.append(s)
+    kept = select_samples(candidates, rules.keep, thresholds=rules.thresholds, keep_k=rules.keep_k,
+                          score_threshold=rules.score_threshold)  # fmt: skip
+    dropped["policy"] += len(candidates) - len(kept)
+    if rules.max_per_prompt is not None and len(kept) > rules.max_per_prompt:
+        dropped["cap"] += len(kept) - rules.max_per_prompt
+        kept = kept[: rules.max_per_prompt]  # best first, so the cap keeps the best
+    return kept, +dropped
+
+
+def resolved_thresholds(config: Config) -> dict[str, float]:
+    """all_pass minimum per reward: every rule (its own threshold or pass_threshold), plus the RM if named."""
+    out = {name: config.thresholds.get(name, config.pass_threshold) for name in reward_names(config)}
+    if REWARD_MODEL in config.thresholds:
+        out[REWARD_MODEL] = config.thresholds[REWARD_MODEL]
+    return out
+
+
+def weighted_total(scores: Mapping[str, float | None], weights: Mapping[str, float]) -> float:
+    """Σ weight·score over the rewards that scored (None adds nothing, as in GRPO's weighted sum)."""
+    return sum(weights.get(name, 0.0) * value for name, value in scores.items() if value is not None)
+
+
+def mix_count(accepted: int, ratio: float) -> int:
+    """Mixed-in rows so they are `ratio` of accepted + mixed: n = accepted·ratio / (1 − ratio)."""
+    if ratio <= 0.0:
+        return 0
+    return round(accepted * ratio / (1.0 - ratio))
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+# ------------------------------------------------------------------------------------------------
+
+
+def _completion_value(text: str, conversational: bool) -> Any:
+    return [{"role": "assistant", "content": text}] if conversational else text
+
+
+def _sft_pairs(dataset: Any) -> list[tuple[Any, Any]]:
+    """(prompt, completion) pairs of an SFT dataset in messages or prompt/completion layout; a
+    conversation's last assistant turn is the completion, everything before it the prompt."""
+    if "messages" not in dataset.column_names:
+        return list(zip(dataset["prompt"], dataset["completion"], strict=True))
+    pairs = []
+    for messages in dataset["messages"]:
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is not None:
+            pairs.append((messages[:last], [messages[last]]))
+    return pairs
+
+
+@dataclass
+class _Scorer:
+    """Rule rewards, the optional reward model and the language check over one chunk of samples."""
+
+    rules: list[Any]
+    weights: dict[str, float]
+    reward_model: Any = None
+    rm_tokenizer: Any = None
+    rm_batch_size: int = 32
+    language_rule: Any = None
+
+    def __call__(self, prompts: list[Any], rows: list[dict[str, Any]], samples: list[list[Any]],
+                 conversational: bool) -> list[list[Scored]]:  # fmt: skip
+        # One call per rule for the whole chunk: rules and the RM are far cheaper on big batches.
+        flat = [(i, s) for i, row_samples in enumerate(samples) for s in row_samples]
+        texts = [s.text for _, s in flat]
+        completions = [_completion_value(t, conversational) for t in texts]
+        flat_prompts = [prompts[i] for i, _ in flat]
+        columns = {c: [rows[i][c] for i, _ in flat] for c in rows[0] if c != "prompt"} if rows else {}
+        ids = [s.token_ids for _, s in flat]
+        per_rule = {rule.__name__: rule(completions, prompts=flat_prompts, completion_ids=ids, **columns) for rule in self.rules}
+        if self.reward_model is not None:
+            from align.models import score_with_reward_model
+
+            per_rule[REWARD_MODEL] = score_with_reward_model(
+                self.reward_model, self.rm_tokenizer, flat_prompts, texts, batch_size=self.rm_batch_size
+            )
+        language = self.language_rule(completions) if self.language_rule is not None else [None] * len(flat)
+        scored: list[list[Scored]] = [[] for _ in samples]
+        for k, (i, s) in enumerate(flat):
+            scores = {name: values[k] for name, values in per_rule.items()}
+            scored[i].append(Scored(len(scored[i]), s.text, len(s.token_ids), s.finished, scores,
+                                    weighted_total(scores, self.weights), language[k]))  # fmt: skip
+        return scored
+
+
+@dataclass
+class _Tally:
+    """Running counts for the stage's metrics."""
+
+    generated: int = 0
+    accepted: int = 0
+    covered: int = 0
+    zero: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    by_difficulty: dict[Any, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    score_sums: Counter[str] = field(default_factory=Counter)
+    score_counts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, samples: list[Scored], kept: list[int], dropped: Counter[str], difficulty: Any) -> None:
+        self.generated += len(samples)
+        self.accepted += len(kept)
+        self.covered += bool(kept)
+        self.zero += not kept
+        self.dropped.update(dropped)
+        for s in samples:
+            for name, value in s.scores.items():
+                if value is not None:
+                    self.score_sums[name] += value
+                    self.score_counts[name] += 1
+        if difficulty is not None:
+            self.by_difficulty[difficulty][0] += len(samples)
+            self.by_difficulty[difficulty][1] += len(kept)
+
+    def metrics(self, num_prompts: int, mixed: int, generation_s: float) -> dict[str, Any]:
+        return {
+            "num_prompts": num_prompts,
+            "num_generated": self.generated,
+            "num_accepted": self.accepted,
+            "acceptance_rate": round(self.accepted / max(self.generated, 1), 4),
+            "prompts_covered": round(self.covered / max(num_prompts, 1), 4),
+            "zero_accepted_prompts": self.zero,
+            "num_mixed": mixed,
+            "mix_share": round(mixed / max(self.accepted + mixed, 1), 4),
+            "num_rows": self.accepted + mixed,
+            "samples_per_s": round(self.generated / generation_s, 2) if generation_s > 0 else None,
+            **{f"dropped/{reason}": n for reason, n in sorted(self.dropped.items())},
+            **{f"mean_score/{name}": round(self.score_sums[name] / self.score_counts[name], 4)
+               for name in sorted(self.score_counts)},
+            **{f"acceptance_rate/difficulty_{d}": round(a / max(g, 1), 4)
+               for d, (g, a) in sorted(self.by_difficulty.items())},
+        }  # fmt: skip
+
+
+def _build_scorer(config: Config, ctx: Any) -> _Scorer:
+    from align.models import device, load_sequence_classifier, load_tokenizer
+    from align.rewards import bind_rule, resolve_rule
+
+    names = reward_names(config)
+    scorer = _Scorer(
+        rules=[bind_rule(resolve_rule(r.rule, ctx.base_dir), r.params, n, timeout_s=r.timeout_s)
+               for r, n in zip(config.rewards, names, strict=True)],
+        weights={**{n: r.weight for r, n in zip(config.rewards, names, strict=True)}, REWARD_MODEL: config.reward_model_weight},
+        rm_batch_size=config.reward_model_batch_size,
+    )  # fmt: skip
+    if config.reward_model is not None:
+        scorer.reward_model = load_sequence_classifier(config.reward_model).requires_grad_(False).eval().to(device())
+        scorer.rm_tokenizer = load_tokenizer(config.reward_model, padding_side="right")
+    if config.language is not None:
+        params = {"language": config.language, **config.language_params}
+        scorer.language_rule = bind_rule(resolve_rule("language_consistency"), params, "language")
+    return scorer
+
+
+def run(config: Config, ctx: Any) -> dict[str, Any]:
+    import json
+    import os
+    import random
+
+    from align.data import chat_prompt, load_dataset
+    from align.generation import make_sampler
+    from align.models import device, load_causal_lm, load_tokenizer, resolve_model_path
+
+    assert config.model is not None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every process would sample the same prompts and write the same files over each other.
+        raise RuntimeError("rejection_sampling runs in one process; use launcher inprocess or subprocess "
+                           "(with use_vllm and vllm_tensor_parallel_size for several GPUs)")
+    model_spec = config.model
+    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
+    rules = KeepRules.from_config(config)
+    scorer = _build_scorer(config, ctx)
+    source_model = resolve_model_path(model_spec.name_or_path, ctx.base_dir)
+    tokenizer = load_tokenizer(model_spec, padding_side="left")
+    sample = make_sampler(
+        source_model, tokenizer, use_vllm=config.use_vllm, seed=ctx.seed,
+        vllm_kwargs={"gpu_memory_utilization": config.vllm_gpu_memory_utilization,
+                     "tensor_parallel_size": config.vllm_tensor_parallel_size,
+                     "max_model_len": config.vllm_max_model_length,
+                     "dtype": model_spec.dtype, "trust_remote_code": model_spec.trust_remote_code},
+        load_model=lambda: load_causal_lm(model_spec).to(device()),
+    )  # fmt: skip
+    columns = [c for c in dataset.column_names if c != "prompt" and c not in REPLACED_COLUMNS | PROVENANCE_COLUMNS]
+    tally = _Tally()
+    generation_s = 0.0
+
+    def line(record: dict[str, Any]) -> str:
+        return json.dumps(record, ensure_ascii=False) + "\n"
+
+    with ctx.artifact(ARTIFACTS["dataset"]).open("w", encoding="utf-8") as out, \
+            ctx.artifact(ARTIFACTS["rejected_prompts"]).open("w", encoding="utf-8") as rejected:  # fmt: skip
+        for chunk_no, start in enumerate(range(0, len(dataset), config.chunk_size)):
+            rows = dataset.select(range(start, min(start + config.chunk_size, len(dataset)))).to_list()
+            prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
+            conversational = not isinstance(prompts[0], str)
+            began = time.perf_counter()
+            samples = sample(
+                prompts, num_samples=config.num_generations, max_new_tokens=config.max_completion_length,
+                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                batch_size=config.generation_batch_size, seed=ctx.seed + chunk_no,
+            )  # fmt: skip
+            generation_s += time.perf_counter() - began
+            for prompt, row, scored in zip(prompts, rows, scorer(prompts, rows, samples, conversational), strict=True):
+                kept, dropped = judge(scored, rules)
+                tally.add(scored, kept, dropped, row.get("difficulty"))
+                original = {c: row[c] for c in columns}
+                for j in kept:
+                    out.write(line({
+                        "prompt": prompt, "completion": _completion_value(scored[j].text, conversational), **original,
+                        "source": "rejection_sampling", "source_model": source_model, "sample_index": j,
+                        "score": scored[j].total, "scores": dict(scored[j].scores),
+                    }))  # fmt: skip
+                if not kept:
+                    best = max((s.total for s in scored), default=None)
+                    rejected.write(line({"prompt": prompt, **original, "num_samples": len(scored), "best_score": best,
+                                         "dropped": dict(dropped)}))  # fmt: skip
+            logger.info("rejection_sampling: %d/%d prompts done, %d of %d samples kept",
+                        min(start + config.chunk_size, len(dataset)), len(dataset), tally.accepted, tally.generated)
+
+        mixed = 0
+        if config.mix_dataset is not None:
+            pairs = _sft_pairs(load_dataset(config.mix_dataset, ctx.base_dir, ctx.seed))
+            wanted = mix_count(tally.accepted, config.mix_ratio)
+            if wanted > len(pairs):
+                logger.warning("rejection_sampling: mix dataset has %d rows, %d wanted for mix_ratio %.3g; using all",
+                               len(pairs), wanted, config.mix_ratio)  # fmt: skip
+            random.Random(ctx.seed).shuffle(pairs)
+            empty = dict.fromkeys(columns)
+            for prompt, completion in pairs[:wanted]:
+                out.write(line({
+                    "prompt": chat_prompt(prompt, config.system_prompt, config.conversational), "completion": completion,
+                    **empty, "source": "mix", "source_model": None, "sample_index": None, "score": None, "scores": None,
+                }))  # fmt: skip
+                mixed += 1
+
+    metrics = tally.metrics(len(dataset), mixed, generation_s)
+    for rule in scorer.rules:
+        if rule.failures:
+            metrics[f"{rule.__name__}_failures"] = rule.failures
+            logger.warning("rejection_sampling: rule %s scored None on %d samples (%s)", rule.__name__, rule.failures,
+                           rule.stats.last_error)  # fmt: skip
+    if tally.accepted + mixed == 0:
+        # An empty dataset would only fail later, inside the next stage's data loading.
+        raise RuntimeError(f"none of {tally.generated} samples passed (dropped: {dict(tally.dropped)}); "
+                           f"{ARTIFACTS['rejected_prompts']} has each prompt's best score and drop reasons")
+    if tally.accepted == 0:
+        logger.warning("rejection_sampling: no sample passed; the dataset holds only mixed-in rows")
+    ctx.metrics.write(metrics)
+    logger.info("rejection_sampling: kept %d of %d samples (%.1f %%), %d prompts with none, %d rows mixed in",
+                tally.accepted, tally.generated, 100 * metrics["acceptance_rate"], tally.zero, mixed)  # fmt: skip
+    return metrics
