@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,11 @@ def prepare_sft_dataset(dataset: Any, system_prompt: str | None) -> Any:
     if system_prompt and keep[0] in ("messages", "prompt") and isinstance(dataset[0][keep[0]], list):
         dataset = dataset.map(lambda row: {keep[0]: with_system_prompt(row[keep[0]], system_prompt)})
     return dataset
+
+
+def warmup_step_count(warmup_steps: float, total_steps: int) -> int:
+    """transformers' convention: a float below 1 is a share of all steps, anything else whole steps."""
+    return math.ceil(warmup_steps * total_steps) if 0 < warmup_steps < 1 else int(warmup_steps)
 
 
 def metrics_callback(writer: MetricsWriter) -> Any:

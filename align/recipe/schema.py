@@ -123,7 +123,9 @@ class TrainingKnobs(BaseModel):
     per_device_train_batch_size: PositiveInt = 8
     gradient_accumulation_steps: PositiveInt = 1
     weight_decay: float = Field(default=0.0, ge=0.0)
-    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    warmup_steps: float = Field(
+        default=0, ge=0, description="Linear warm-up: whole steps, or a float in [0, 1) as a share of all steps."
+    )
     lr_scheduler_type: str = "linear"
     max_grad_norm: float = Field(default=1.0, ge=0.0)
     logging_steps: PositiveInt = 10

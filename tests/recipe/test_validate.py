@@ -171,3 +171,11 @@ def test_print_config_shows_resolved_defaults(tmp_path: Path) -> None:
     assert sft["model"]["name_or_path"] == "align:tiny"
     assert sft["per_device_train_batch_size"] == 8  # schema default shown
     json.dumps(resolved)  # plain data only
+
+
+def test_warmup_ratio_is_not_silently_dropped(tmp_path: Path) -> None:
+    # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a share of all steps).
+    found = problems_of(write(tmp_path, GOOD.replace("max_steps: 2", "max_steps: 2\n    warmup_ratio: 0.1")))
+    assert any(path == "stages[0].warmup_ratio" and "did you mean 'warmup_steps'" in message for path, message, _ in found)
+    recipe = load_recipe(write(tmp_path, GOOD.replace("max_steps: 2", "max_steps: 2\n    warmup_steps: 0.1")))
+    assert recipe.stages[0].warmup_steps == pytest.approx(0.1)

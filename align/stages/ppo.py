@@ -1,0 +1,717 @@
+"""ppo: RLHF with PPO (InstructGPT's third step), align's own loop on Accelerate and plain PyTorch.
+
+TRL 1.16 ships no PPO, so this is ours: one file that reads top to bottom. All loss and advantage
+math comes from `align.rl.functional`. Key names follow TRL ≤1.12's `PPOConfig`, so a TRL PPO recipe
+ports nearly 1:1 (`response_length` may also be written `max_completion_length`).
+
+Models
+- actor: the policy (`model`, default the recipe's model); `lora:` trains an adapter on it, and the
+  reference is then the same network with the adapter disabled (no second copy in memory);
+- reference: a frozen copy of the starting policy (the KL anchor);
+- critic: a sequence-classification model whose head, applied at every position, gives V(s_t).
+  Initialised from `value_model`, else from the reward model (as TRL and InstructGPT do: it already
+  reads responses the way the score does), else from the policy. `value_lora:` trains it as LoRA;
+- reward: a frozen reward model (`reward_model`, scored on prompt + response re-rendered with its own
+  tokenizer and chat template, exactly as the `reward_model` stage trained it) and/or rule rewards
+  (`rewards:`, as in GRPO), summed with weights (`reward_model_weight`, each rule's `weight`; a rule
+  that returns None for a sample contributes 0 to it).
+
+One step
+1. rollout: a batch of `per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches`
+   prompts per process, sampled with the KV cache at `temperature` (top-k/top-p/repetition penalty off,
+   so log-probs are those of the tokens' true sampling distribution), up to `response_length` tokens;
+2. scoring: score = weighted sum of rewards, minus `missing_eos_penalty` if the response never ended;
+   optional running normalisation (`normalize_reward`), then clipping to ±`score_clip`;
+3. per-token reward r_t = −β·KL_t (k1 by default, `kl_estimator`) plus the score on the last response
+   token; β fixed (`kl_coef`) or adaptive towards `kl_target` nats per sequence (Ziegler et al.);
+4. GAE with `gamma`, `lam`; advantages whitened over the whole batch (across processes);
+5. `num_ppo_epochs` passes over shuffled mini-batches: clipped surrogate (`cliprange`, optional
+   `cliprange_high` and `dual_clip`) + `vf_coef` × clipped value loss (`cliprange_value`), gradient
+   accumulation, clipping at `max_grad_norm`. For the first `critic_warmup_steps` steps only the critic
+   learns (OpenRLHF's freeze_actor_steps).
+
+Defaults, and why. They are TRL ≤1.12's, so a ported recipe behaves as it did: `num_ppo_epochs` 4,
+`kl_coef` 0.05 (k1, in the reward), `cliprange` 0.2, `cliprange_value` 0.2, `vf_coef` 0.1,
+`temperature` 0.7, `response_length` 53, `gamma` 1.0 (episodes are one response: nothing to discount),
+`lam` 0.95. On λ the anchors differ: 0.95 (TRL, DeepSpeed-Chat, torchtune) lowers variance by leaning
+on the critic but discounts a terminal score by 0.95^k for a token k steps before the end; 1.0
+(OpenRLHF, veRL) gives Monte-Carlo advantages score − V, unbiased however poor a fresh critic is.
+Prefer `lam: 1.0` for long responses or a critic that starts far from the reward's scale.
+Score clipping and normalisation are off by default (TRL has neither; OpenRLHF clips at ±10).
+
+Logged every `logging_steps` into metrics.jsonl: mean score (and each part), reward, KL, β, entropy,
+policy/value loss, clip fractions, approx KL, explained variance, response length, share without EOS,
+learning rate, step time; and `num_sample_rollouts` sample rollouts. With an `eval_dataset`, the mean
+greedy score (and each part) on held-out prompts before and after training, plus the sampled KL to the
+reference, go into the stage result as `eval_*_before` / `eval_*_after`.
+
+Scale-out: one `Accelerator`; actor and critic live in one module and one optimiser (one DDP or
+DeepSpeed ZeRO-2 engine, as TRL did), the frozen models are plain per-process copies, prompts are
+sharded by process, and whitening and logged means are computed across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
+
+from align.recipe.schema import REFERENCE, Data, LoraSpec, Model, RewardSpec, StageConfig, TrainingKnobs
+from align.recipe.validate import CheckContext
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+logger = logging.getLogger("align")
+
+ARTIFACTS = {"model": "model"}
+
+
+class Config(StageConfig, TrainingKnobs):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    type: Literal["ppo"] = "ppo"
+    dataset: Data = Field(description="Prompts (`prompt` column); other columns go to rule rewards.")
+    eval_dataset: Data | None = Field(default=None, description="Held-out prompts scored before and after.")
+    system_prompt: str | None = Field(default=None, description="Added to conversational prompts that have none.")
+    conversational: bool = Field(
+        default=True, description="Wrap plain-string prompts as a user message (chat template applies); false keeps raw text."
+    )
+
+    # rewards and models
+    reward_model: Model | None = Field(default=None, description="Frozen sequence-classification reward model.")
+    reward_model_weight: float = 1.0
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Rule rewards added to the RM score.")
+    value_model: Model | None = Field(default=None, description="Critic init; default: reward_model, else the policy.")
+    lora: LoraSpec | None = Field(default=None, description="LoRA actor; the reference is the adapter-disabled base.")
+    value_lora: LoraSpec | None = Field(default=None, description="LoRA critic.")
+
+    # rollouts
+    response_length: PositiveInt = Field(
+        default=53, validation_alias=AliasChoices("response_length", "max_completion_length")
+    )
+    temperature: PositiveFloat = 0.7
+    num_mini_batches: PositiveInt = 1
+    total_episodes: PositiveInt | None = Field(default=None, description="Rollouts in all; default epochs × prompts.")
+    local_rollout_forward_batch_size: PositiveInt = 64
+
+    # PPO
+    learning_rate: PositiveFloat = 3e-6
+    value_learning_rate: PositiveFloat | None = Field(default=None, description="Critic LR; default learning_rate.")
+    num_ppo_epochs: PositiveInt = 4
+    cliprange: PositiveFloat = 0.2
+    cliprange_high: PositiveFloat | None = Field(default=None, description="Clip-higher ε; default cliprange.")
+    dual_clip: float | None = Field(default=None, gt=1.0, description="Dual-clip bound c for A < 0 (veRL: 3).")
+    vf_coef: float = Field(default=0.1, ge=0.0)
+    cliprange_value: PositiveFloat | None = 0.2
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0)
+    lam: float = Field(default=0.95, ge=0.0, le=1.0)
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    normalize_reward: bool = Field(default=False, description="Running mean/std normalisation of scores.")
+    score_clip: PositiveFloat | None = Field(default=None, description="Clip scores to ±score_clip.")
+    missing_eos_penalty: float | None = Field(default=None, ge=0.0)
+    critic_warmup_steps: NonNegativeInt = 0
+
+    # KL
+    kl_coef: float = Field(default=0.05, ge=0.0)
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    kl_target: PositiveFloat | None = Field(default=None, description="Adaptive β towards this sequence KL (nats).")
+    kl_horizon: PositiveInt = 10_000
+
+    # logging
+    num_sample_rollouts: NonNegativeInt = Field(default=2, description="Rollouts logged each logging interval.")
+    eval_steps: PositiveInt | None = Field(default=None, description="Also evaluate every N steps.")
+
+    @model_validator(mode="after")
+    def _needs_a_reward(self) -> Config:
+        if self.reward_model is None and not self.rewards:
+            raise ValueError("PPO needs a reward: set reward_model, rewards, or both")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ValueError("kl_target adapts kl_coef multiplicatively, so kl_coef must start above 0")
+        return self
+
+
+def check(config: Config, ctx: CheckContext) -> None:
+    prompt = {"prompt": "the prompts to generate from"}
+    ctx.check_rewards(config.rewards, config.dataset)
+    ctx.require_columns(config.dataset, ("dataset",), prompt)
+    if config.eval_dataset is not None:
+        ctx.require_columns(config.eval_dataset, ("eval_dataset",), {**prompt, **_rule_columns(config, ctx)})
+    for key in ("reward_model", "value_model"):
+        spec = getattr(config, key)
+        if spec is not None and ctx.check_models and not REFERENCE.match(spec.name_or_path):
+            from align.models import model_spec_problem
+
+            if problem := model_spec_problem(spec, ctx.base_dir):
+                ctx.error((key, "name_or_path"), problem)
+
+
+def _rule_columns(config: Config, ctx: CheckContext) -> dict[str, str]:
+    """Dataset columns the rule rewards read (rules that do not resolve are reported elsewhere)."""
+    from align.rewards import resolve_rule, rule_signature
+
+    needed: dict[str, str] = {}
+    for spec in config.rewards:
+        try:
+            fn = resolve_rule(spec.rule, ctx.base_dir)
+        except ValueError:
+            continue
+        needed.update({c: f"reward rule '{spec.rule}' reads it" for c in rule_signature(fn).columns})
+    return needed
+
+
+def output_columns(config: Config) -> set[str] | None:
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------------
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    # Dropout would make the rollout's log-probs and the first PPO pass's disagree: ratio ≠ 1 at start.
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _seq_cls_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(backbone, head) of a sequence-classification model, PEFT-wrapped or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, inner.base_model_prefix)
+    head = getattr(inner, "score", None) or inner.classifier
+    return backbone, head
+
+
+def _actor_critic_class() -> type:
+    # Built on demand: importing torch at module level would slow down `align validate`.
+    import torch
+
+    class _ActorCritic(torch.nn.Module):
+        """Policy and critic in one module: one optimiser, one DDP/ZeRO engine, one backward."""
+
+        def __init__(self, policy: nn.Module, critic: nn.Module) -> None:
+            super().__init__()
+            self.policy = policy
+            self.critic = critic
+
+        def forward(self, batch: dict[str, Tensor], response_length: int, temperature: float) -> tuple[Tensor, Tensor]:
+            """Logits (÷ temperature) and values for the `response_length` response positions."""
+            logits = _policy_logits(self.policy, batch, response_length, temperature)
+            return logits, _values(self.critic, batch, response_length)
+
+    return _ActorCritic
+
+
+def _policy_logits(policy: nn.Module, batch: dict[str, Tensor], response_length: int, temperature: float) -> Tensor:
+    # logits_to_keep skips the LM head on prompt positions; position t predicts token t + 1.
+    out = policy(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=response_length + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1].float() / temperature
+
+
+def _values(critic: nn.Module, batch: dict[str, Tensor], response_length: int) -> Tensor:
+    # V(s_t) for the state before response token t: hidden state at position t − 1.
+    backbone, head = _seq_cls_parts(critic)
+    hidden = backbone(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+    return head(hidden[:, -response_length - 1 : -1]).squeeze(-1).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# rewards
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scorer:
+    """Weighted sum of a frozen reward model's score and rule rewards for finished rollouts."""
+
+    reward_model: Any
+    rm_tokenizer: Any
+    rm_weight: float
+    rules: list[tuple[str, float, Any]]  # (name, weight, bound rule)
+    batch_size: int
+
+    def __call__(self, prompts: list[Any], texts: list[str], completion_ids: list[list[int]],
+                 columns: dict[str, list[Any]]) -> tuple[Tensor, dict[str, Tensor]]:
+        import torch
+
+        parts: dict[str, Tensor] = {}
+        total = torch.zeros(len(texts))
+        if self.reward_model is not None:
+            parts["reward_model"] = self.reward_model_scores(prompts, texts)
+            total += self.rm_weight * parts["reward_model"]
+        conversational = bool(prompts) and not isinstance(prompts[0], str)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        for name, weight, rule in self.rules:
+            values = rule(completions, prompts=prompts, completion_ids=completion_ids, **columns)
+            scored = torch.tensor([math.nan if v is None else float(v) for v in values])
+            parts[name] = scored
+            total += weight * torch.nan_to_num(scored, nan=0.0)
+        return total, parts
+
+    def reward_model_scores(self, prompts: list[Any], texts: list[str]) -> Tensor:
+        import torch
+
+        tokenizer = self.rm_tokenizer
+        if isinstance(prompts[0], str):
+            eos = tokenizer.eos_token or ""
+            rendered = [p + t + (eos if not t.endswith(eos) else "") for p, t in zip(prompts, texts, strict=True)]
+            special = True
+        else:
+            # The conversation exactly as the reward_model stage (TRL) tokenised its training pairs.
+            rendered = [
+                tokenizer.apply_chat_template([*p, {"role": "assistant", "content": t}], tokenize=False)
+                for p, t in zip(prompts, texts, strict=True)
+            ]
+            special = False
+        device = next(self.reward_model.parameters()).device
+        scores = []
+        for start in range(0, len(rendered), self.batch_size):
+            enc = tokenizer(rendered[start : start + self.batch_size], add_special_tokens=special, padding=True,
+                            return_tensors="pt").to(device)
+            with torch.no_grad():
+                scores.append(self.reward_model(**enc, use_cache=False).logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+
+def _rule_rewards(config: Config, base_dir: Any) -> list[tuple[str, float, Any]]:
+    if not config.rewards:
+        return []
+    from align.rewards import bind_rule, resolve_rule
+
+    rules = []
+    for spec in config.rewards:
+        name = spec.name or spec.rule.rsplit(":", 1)[-1]
+        rules.append((name, spec.weight, bind_rule(resolve_rule(spec.rule, base_dir), spec.params, name)))
+    return rules
+
+
+# --------------------------------------------------------------------------------------------------
+# rollouts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Experience:
+    """One rollout batch with everything the PPO epochs need; token tensors are [B, Lr]."""
+
+    batch: dict[str, Tensor]  # input_ids, attention_mask, position_ids over prompt + response
+    responses: Tensor
+    mask: Tensor
+    logprobs: Tensor
+    values: Tensor
+    advantages: Tensor
+    returns: Tensor
+    stats: dict[str, Tensor]  # per-sequence [B] tensors to average for logging
+    texts: list[str]
+    prompts: list[Any]
+
+    def __len__(self) -> int:
+        return self.responses.shape[0]
+
+    def micro(self, index: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return ({k: v[index] for k, v in self.batch.items()}, self.responses[index], self.mask[index],
+                self.logprobs[index], self.values[index], self.advantages[index], self.returns[index])
+
+
+def _full_batch(query_ids: Tensor, query_mask: Tensor, responses: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    import torch
+
+    attention = torch.cat([query_mask.bool(), mask], dim=1).long()
+    positions = (attention.cumsum(dim=1) - 1).clamp_min(0)
+    return {"input_ids": torch.cat([query_ids, responses], dim=1), "attention_mask": attention, "position_ids": positions}
+
+
+def _prompt_stream(n: int, per_process: int, accelerator: Any, seed: int) -> Any:
+    """Endless per-process index batches: one seeded shuffle per epoch, the same on every process,
+    each process taking its own slice of every global batch."""
+    import torch
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < per_process * world:
+            order += torch.randperm(n, generator=generator).tolist()
+        global_batch, order = order[: per_process * world], order[per_process * world :]
+        yield global_batch[rank * per_process : (rank + 1) * per_process]
+
+
+def _whiten(accelerator: Any, x: Tensor, mask: Tensor) -> Tensor:
+    """Advantage whitening with statistics over every process's batch, not just this one's."""
+    from align.rl.functional import masked_whiten
+
+    if accelerator.num_processes == 1:
+        return masked_whiten(x, mask)
+    rows, width = x.shape
+    xs = accelerator.gather(accelerator.pad_across_processes(x, dim=1))
+    ms = accelerator.gather(accelerator.pad_across_processes(mask.long(), dim=1))
+    start = accelerator.process_index * rows
+    return masked_whiten(xs, ms)[start : start + rows, :width]
+
+
+def _mean(accelerator: Any, values: Tensor) -> float:
+    """Mean over all processes' entries (NaN entries, e.g. a rule's None, are left out)."""
+    import torch
+
+    values = values.detach().float().reshape(-1).to(accelerator.device)
+    keep = ~torch.isnan(values)
+    sums = torch.stack([torch.where(keep, values, 0.0).sum(), keep.sum().float()])
+    sums = accelerator.reduce(sums, reduction="sum")
+    return float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------------
+
+
+def run(config: Config, ctx: Any) -> dict[str, Any]:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    from align.data import load_dataset
+    from align.generation import encode_prompts, eos_token_ids, generate_tensors, left_pad, with_system_prompt
+    from align.models import (
+        device,
+        load_causal_lm,
+        load_sequence_classifier,
+        load_tokenizer,
+        peft_config,
+        save_model,
+        use_bf16,
+        use_gradient_checkpointing,
+    )
+    from align.rl.functional import (
+        AdaptiveKLController,
+        FixedKLController,
+        RunningMoments,
+        clip_scores,
+        compute_gae,
+        entropy_from_logits,
+        explained_variance,
+        kl_penalty,
+        logprobs_from_logits,
+        masked_mean,
+        masked_sum,
+        masked_whiten,
+        per_token_rewards,
+        policy_loss,
+        value_loss,
+    )
+    from align.training import warmup_step_count
+
+    assert config.model is not None
+    accelerator = Accelerator(
+        cpu=device() == "cpu",
+        mixed_precision="bf16" if use_bf16(config.bf16) else "no",
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+    )
+    set_seed(ctx.seed, device_specific=True)  # different samples on every process
+    is_main = accelerator.is_main_process
+
+    # ---- models -----------------------------------------------------------------------------
+    tokenizer = load_tokenizer(config.model, padding_side="left")
+    policy = load_causal_lm(config.model)
+    _disable_dropout(policy)
+    if use_gradient_checkpointing(config.gradient_checkpointing):
+        policy.gradient_checkpointing_enable()
+    reference = None
+    if config.lora is not None:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, peft_config(config.lora))
+        if use_gradient_checkpointing(config.gradient_checkpointing):
+            policy.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    else:
+        reference = load_causal_lm(config.model).requires_grad_(False).eval().to(accelerator.device)
+    reward_model = rm_tokenizer = None
+    if config.reward_model is not None:
+        reward_model = load_sequence_classifier(config.reward_model).requires_grad_(False).eval().to(accelerator.device)
+        rm_tokenizer = load_tokenizer(config.reward_model, padding_side="right")
+    critic = load_sequence_classifier(config.value_model or config.reward_model or config.model)
+    _disable_dropout(critic)
+    if config.value_lora is not None:
+        from peft import get_peft_model
+
+        critic = get_peft_model(critic, peft_config(config.value_lora, task_type="SEQ_CLS"))
+    scorer = Scorer(reward_model, rm_tokenizer, config.reward_model_weight, _rule_rewards(config, ctx.base_dir),
+                    config.local_rollout_forward_batch_size)
+    eos_ids = eos_token_ids(policy, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+    # ---- data ---------------------------------------------------------------------------------
+    def prompt_table(spec: Any) -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
+        data = load_dataset(spec, ctx.base_dir, ctx.seed)
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) and config.conversational else p
+                   for p in data["prompt"]]
+        prompts = [with_system_prompt(p, config.system_prompt) for p in prompts]
+        columns = {c: data[c] for c in data.column_names if c != "prompt"}
+        return prompts, encode_prompts(tokenizer, prompts), columns
+
+    prompts, encoded, columns = prompt_table(config.dataset)
+    micro = config.per_device_train_batch_size
+    mini = micro * config.gradient_accumulation_steps
+    local_batch = mini * config.num_mini_batches
+    global_batch = local_batch * accelerator.num_processes
+    if config.max_steps > 0:
+        total_steps = config.max_steps
+    else:
+        episodes = config.total_episodes or int(config.num_train_epochs * len(prompts))
+        total_steps = max(1, math.ceil(episodes / global_batch))
+    stream = _prompt_stream(len(prompts), local_batch, accelerator, ctx.seed)
+
+    # ---- optimiser ------------------------------------------------------------------------------
+    actor_critic = _actor_critic_class()(policy, critic)
+    groups = [
+        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.learning_rate},
+        {"params": [p for p in critic.parameters() if p.requires_grad],
+         "lr": config.value_learning_rate or config.learning_rate},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                              num_warmup_steps=warmup_step_count(config.warmup_steps, total_steps),
+                              num_training_steps=total_steps)
+    if accelerator.state.deepspeed_plugin is not None:
+        # DeepSpeed takes its micro-batch size from a prepared dataloader, and PPO has none.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
+    actor_critic, optimizer, scheduler = accelerator.prepare(actor_critic, optimizer, scheduler)
+    actor_params = groups[0]["params"]
+
+    def unwrapped() -> Any:
+        return accelerator.unwrap_model(actor_critic)
+
+    def reference_logits(batch: dict[str, Tensor], response_length: int) -> Tensor:
+        if reference is not None:
+            return _policy_logits(reference, batch, response_length, config.temperature)
+        with unwrapped().policy.disable_adapter():
+            return _policy_logits(unwrapped().policy, batch, response_length, config.temperature)
+
+    kl_controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+                     if config.kl_target is not None else FixedKLController(config.kl_coef))
+    moments = RunningMoments() if config.normalize_reward else None
+
+    # ---- rollout ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(queries: list[list[int]], temperature: float) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, list[str]]:
+        """Generate for prompt token lists in chunks; returns full batch, responses, mask, finished, texts."""
+        model = unwrapped().policy
+        chunks = []
+        size = config.local_rollout_forward_batch_size
+        for start in range(0, len(queries), size):
+            ids, attention = left_pad(queries[start : start + size], pad_id)
+            chunks.append(generate_tensors(model, ids, attention, max_new_tokens=config.response_length,
+                                           eos_ids=eos_ids, pad_id=pad_id, temperature=temperature))
+        # Chunks differ in widths: left-pad queries and right-pad responses to common ones.
+        query_width = max(c.query_ids.shape[1] for c in chunks)
+        response_width = max(c.response_ids.shape[1] for c in chunks)
+        pad = torch.nn.functional.pad
+        query_ids = torch.cat([pad(c.query_ids, (query_width - c.query_ids.shape[1], 0), value=pad_id) for c in chunks])
+        query_mask = torch.cat([pad(c.query_mask, (query_width - c.query_mask.shape[1], 0)) for c in chunks])
+        responses = torch.cat([pad(c.response_ids, (0, response_width - c.response_ids.shape[1]), value=pad_id)
+                               for c in chunks])
+        mask = torch.cat([pad(c.response_mask, (0, response_width - c.response_mask.shape[1])) for c in chunks])
+        finished = torch.cat([c.finished for c in chunks])
+        texts = tokenizer.batch_decode(torch.where(mask, responses, pad_id), skip_special_tokens=True)
+        return _full_batch(query_ids, query_mask, responses, mask), responses, mask, finished, texts
+
+    @torch.no_grad()
+    def forward_in_chunks(batch: dict[str, Tensor], responses: Tensor, with_values: bool = True
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Log-probs of policy and reference, policy entropy and values, chunk by chunk."""
+        width = responses.shape[1]
+        outs: dict[str, list[Tensor]] = {"logp": [], "ref": [], "entropy": [], "values": []}
+        model = unwrapped()
+        for start in range(0, responses.shape[0], config.local_rollout_forward_batch_size):
+            part = {k: v[start : start + config.local_rollout_forward_batch_size] for k, v in batch.items()}
+            labels = responses[start : start + config.local_rollout_forward_batch_size]
+            logits = _policy_logits(model.policy, part, width, config.temperature)
+            outs["logp"].append(logprobs_from_logits(logits, labels))
+            outs["entropy"].append(entropy_from_logits(logits))
+            outs["ref"].append(logprobs_from_logits(reference_logits(part, width), labels))
+            if with_values:
+                outs["values"].append(_values(model.critic, part, width))
+        cat = {k: torch.cat(v) if v else None for k, v in outs.items()}
+        return cat["logp"], cat["ref"], cat["entropy"], cat["values"]
+
+    def score(rows: list[int], texts: list[str], responses: Tensor, mask: Tensor,
+              table: tuple[list[Any], list[list[int]], dict[str, list[Any]]]) -> tuple[Tensor, dict[str, Tensor]]:
+        row_prompts, _, row_columns = table
+        ids = [r[m].tolist() for r, m in zip(responses.cpu(), mask.cpu(), strict=True)]
+        return scorer([row_prompts[i] for i in rows], texts, ids, {c: [v[i] for i in rows] for c, v in row_columns.items()})
+
+    def make_experience(rows: list[int]) -> Experience:
+        batch, responses, mask, finished, texts = rollout([encoded[i] for i in rows], config.temperature)
+        logprobs, ref_logprobs, entropy, values = forward_in_chunks(batch, responses)
+        scores, parts = score(rows, texts, responses, mask, (prompts, encoded, columns))
+        if config.missing_eos_penalty is not None:
+            scores = scores - config.missing_eos_penalty * (~finished.cpu()).float()
+        raw_scores = scores.clone()
+        if moments is not None:
+            moments.update(accelerator.gather(scores.to(accelerator.device)).cpu())
+            scores = moments.normalize(scores)
+        scores = clip_scores(scores, config.score_clip).to(accelerator.device)
+        rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_controller.value, config.kl_estimator)
+        if config.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, values, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = _whiten(accelerator, advantages, mask)
+        stats = {
+            "score": raw_scores, **{f"score/{k}": v for k, v in parts.items()},
+            "reward": masked_sum(rewards, mask, dim=1), "kl": masked_sum(kl, mask, dim=1),
+            "entropy": masked_mean(entropy, mask, dim=1), "response_length": mask.sum(dim=1).float(),
+            "no_eos": (~finished).float(),
+        }
+        return Experience(batch, responses, mask, logprobs, values, advantages, returns,
+                          {**stats, "explained_variance": explained_variance(values, returns, mask).reshape(1)},
+                          texts, [prompts[i] for i in rows])
+
+    # ---- held-out evaluation ---------------------------------------------------------------------
+    eval_table = prompt_table(config.eval_dataset) if config.eval_dataset is not None else None
+
+    def evaluate() -> dict[str, float]:
+        """Greedy responses scored by the reward(s); sampled responses for KL to the reference."""
+        assert eval_table is not None
+        rows = list(range(accelerator.process_index, len(eval_table[0]), accelerator.num_processes))
+        queries = [eval_table[1][i] for i in rows]
+        batch, responses, mask, _, texts = rollout(queries, 0.0)
+        scores, parts = score(rows, texts, responses, mask, eval_table)
+        batch, responses, mask, _, _ = rollout(queries, config.temperature)
+        logp, ref_logp, _, _ = forward_in_chunks(batch, responses, with_values=False)
+        kl = masked_sum(kl_penalty(logp, ref_logp, "k1"), mask, dim=1)
+        out = {"score": _mean(accelerator, scores), "kl": _mean(accelerator, kl)}
+        out.update({f"score/{k}": _mean(accelerator, v) for k, v in parts.items()})
+        return out
+
+    results: dict[str, Any] = {}
+    if eval_table is not None:
+        before = evaluate()
+        results.update({f"eval_{k.replace('/', '_')}_before": round(v, 4) for k, v in before.items() if k != "kl"})
+        if is_main:
+            ctx.metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+
+    # ---- training ---------------------------------------------------------------------------------
+    logger.info("ppo: %d steps × %d rollouts (%s actor, %s critic)", total_steps, global_batch,
+                "LoRA" if config.lora else "full", "LoRA" if config.value_lora else "full")
+    started = time.perf_counter()
+    first_score = last_score = math.nan
+    for step in range(1, total_steps + 1):
+        step_start = time.perf_counter()
+        unwrapped().eval()
+        experience = make_experience(next(stream))
+        unwrapped().train()
+        actor_learns = step > config.critic_warmup_steps
+
+        sums: dict[str, Tensor] = {}
+        updates = 0
+        for _ in range(config.num_ppo_epochs):
+            order = torch.randperm(len(experience))
+            for mb_start in range(0, len(experience), mini):
+                for mu_start in range(mb_start, mb_start + mini, micro):
+                    index = order[mu_start : mu_start + micro]
+                    batch, responses, mask, old_logp, old_values, advantages, returns = experience.micro(index)
+                    with accelerator.accumulate(actor_critic):
+                        logits, values = actor_critic(batch, responses.shape[1], config.temperature)
+                        logp = logprobs_from_logits(logits, responses)
+                        pg_loss, pg_stats = policy_loss(logp, old_logp, advantages, mask, config.cliprange,
+                                                        config.cliprange_high, config.dual_clip)
+                        vf_loss, vf_stats = value_loss(values, old_values, returns, mask, config.cliprange_value)
+                        # × 0 during critic warm-up keeps the actor in the graph (DDP expects every parameter).
+                        loss = (pg_loss if actor_learns else 0.0 * pg_loss) + config.vf_coef * vf_loss
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            if config.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(actor_critic.parameters(), config.max_grad_norm)
+                            if not actor_learns:
+                                for p in actor_params:
+                                    p.grad = None  # AdamW then leaves the actor (and its moments) untouched
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss),
+                                       ("policy_clip_fraction", pg_stats["clip_fraction"]),
+                                       ("dual_clip_fraction", pg_stats["dual_clip_fraction"]),
+                                       ("approx_kl", pg_stats["approx_kl"]), ("ratio", pg_stats["ratio_mean"]),
+                                       ("value_clip_fraction", vf_stats["clip_fraction"])):
+                        sums[key] = sums.get(key, 0.0) + value.detach()
+                    updates += 1
+        learning_rate = scheduler.get_last_lr()[0]
+        scheduler.step()
+        mean_kl = _mean(accelerator, experience.stats["kl"])
+        kl_coef = kl_controller.value
+        kl_controller.update(mean_kl, global_batch)
+        step_time = time.perf_counter() - step_start
+        mean_score = _mean(accelerator, experience.stats["score"])
+        first_score = mean_score if step == 1 else first_score
+        last_score = mean_score
+
+        if step % config.logging_steps == 0 or step in (1, total_steps):
+            record: dict[str, Any] = {"step": step, "episodes": step * global_batch}
+            record.update({k: _mean(accelerator, v) for k, v in experience.stats.items()})
+            record.update({k: _mean(accelerator, v / updates) for k, v in sums.items()})
+            record.update({"kl_coef": kl_coef, "learning_rate": learning_rate, "step_time_s": step_time})
+            if is_main:
+                ctx.metrics.write({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+                shown = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "response": t,
+                          "score": round(float(s), 4)}
+                         for p, t, s in zip(experience.prompts, experience.texts, experience.stats["score"], strict=False)]
+                if config.num_sample_rollouts:
+                    ctx.metrics.write({"step": step, "rollouts": shown[: config.num_sample_rollouts]})
+                logger.info("ppo step %d/%d: score %.3f kl %.3f %.2fs", step, total_steps, record["score"],
+                            record["kl"], step_time)
+        if eval_table is not None and config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
+            evaluation = evaluate()
+            if is_main:
+                ctx.metrics.write({"step": step, **{f"eval/{k}": v for k, v in evaluation.items()}})
+    runtime = time.perf_counter() - started
+
+    if eval_table is not None:
+        unwrapped().eval()
+        after = evaluate()
+        results.update({f"eval_{k.replace('/', '_')}_after": round(v, 4) for k, v in after.items()})
+        if is_main:
+            ctx.metrics.write({"step": total_steps, **{f"eval/{k}": v for k, v in after.items()}})
+
+    # ---- save ---------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if is_main:
+        save_model(unwrapped().policy, tokenizer, ctx.artifact(ARTIFACTS["model"]),
+                   merge=bool(config.lora and config.lora.merge))
+    return {
+        "steps": total_steps,
+        "episodes": total_steps * global_batch,
+        "first_score": round(first_score, 4),
+        "last_score": round(last_score, 4),
+        **results,
+        "train_runtime_s": round(runtime, 2),
+        "s_per_step": round(runtime / total_steps, 4),
+    }

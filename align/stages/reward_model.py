@@ -1,0 +1,245 @@
+"""reward_model: a Bradley–Terry reward model on TRL's `RewardTrainer` (sequence-classification head).
+
+Data, in either layout (plain text or conversational):
+- pairs: `chosen`/`rejected`, with an optional `prompt` column (explicit prompt; ignored when it is
+  text while `chosen`/`rejected` are whole conversations that already contain it) and an optional
+  `margin` column (TRL then trains on −log σ(r_chosen − r_rejected − margin));
+- rankings: `prompt` plus a list column (`ranking_column`, default `ranking`) of k ≥ 2 responses
+  ordered best → worst, expanded into all C(k, 2) pairs as InstructGPT did.
+
+One prompt must not dominate training just because it came with more responses. InstructGPT puts
+all C(k, 2) pairs of a prompt into one batch element; that needs its own collator and loss in place
+of TRL's. We keep TRL's data path and weight each expanded pair by 1/C(k, 2) instead
+(`pair_weighting: per_prompt`, rescaled so the mean weight is 1, which keeps the logged loss
+comparable to plain pairs), so every prompt carries the same total weight per epoch wherever its
+pairs land; `per_pair` gives every pair weight 1 (plain TRL). The weighted loss is the batch mean of
+wᵢ·(−log σ(Δᵢ − marginᵢ)); with all weights 1 it equals TRL's own loss.
+
+Init from the SFT stage's model (`model: ${stages.sft.model}`): a causal LM gets a fresh scalar head.
+`lora:` trains an adapter (the head is always trained in full). After training, the held-out
+`eval_dataset` gives `eval_accuracy` (share of pairs with r_chosen > r_rejected) and `eval_margin`
+(mean r_chosen − r_rejected). The `model` artifact loads with
+`AutoModelForSequenceClassification.from_pretrained` (an adapter folder when LoRA is not merged).
+Any other `RewardConfig` key (`center_rewards_coefficient`, `per_device_eval_batch_size`, …) may be
+set on the stage as-is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, PositiveInt
+
+from align.recipe.schema import Data, LoraSpec, StageConfig, TrainingKnobs
+from align.recipe.validate import CheckContext
+
+logger = logging.getLogger("align")
+
+ARTIFACTS = {"model": "model"}
+
+
+class Config(StageConfig, TrainingKnobs):
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    trl_config_class: ClassVar[str | None] = "trl:RewardConfig"
+
+    type: Literal["reward_model"] = "reward_model"
+    dataset: Data
+    eval_dataset: Data | None = Field(default=None, description="Held-out pairs for accuracy and margin.")
+    lora: LoraSpec | None = None
+    system_prompt: str | None = Field(default=None, description="Added to conversational prompts that have none.")
+    ranking_column: str = Field(default="ranking", description="List column of responses ordered best → worst.")
+    pair_weighting: Literal["per_prompt", "per_pair"] = Field(
+        default="per_prompt", description="Rankings: weight each pair 1/C(k,2) (per_prompt) or 1 (per_pair)."
+    )
+    learning_rate: float = Field(default=1e-5, gt=0)
+    max_length: PositiveInt | None = 1024
+
+
+def _layout(columns: set[str], ranking_column: str) -> str | None:
+    if {"chosen", "rejected"} <= columns:
+        return "pairs"
+    if {"prompt", ranking_column} <= columns:
+        return "rankings"
+    return None
+
+
+def check(config: Config, ctx: CheckContext) -> None:
+    for key, spec in (("dataset", config.dataset), ("eval_dataset", config.eval_dataset)):
+        if spec is None:
+            continue
+        columns = ctx.dataset_columns(spec, (key,))
+        if columns is not None and _layout(columns, config.ranking_column) is None:
+            ctx.error(
+                (key, "path"),
+                f"dataset '{spec.path}' needs columns chosen+rejected (pairs) or prompt+{config.ranking_column} "
+                f"(rankings, best first); it has: {', '.join(sorted(columns))}",
+            )
+    if config.lora is not None and config.lora.load_in_4bit and ctx.check_models:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            ctx.error(("lora", "load_in_4bit"), "QLoRA needs the 'bitsandbytes' package (and a GPU)")
+
+
+def output_columns(config: Config) -> set[str] | None:
+    return None
+
+
+def expand_rankings(
+    rows: dict[str, list[Any]], ranking_column: str = "ranking", weighting: str = "per_prompt"
+) -> dict[str, list[Any]]:
+    """Rankings (k responses per prompt, best first) → every pair (better, worse), C(k, 2) per prompt.
+
+    Returns columns `prompt`, `chosen`, `rejected`, `weight` (plus `margin` copied per prompt if the
+    input has one). With `per_prompt`, a prompt's pairs share weight 1/C(k, 2), then all weights are
+    scaled so their mean is 1; rows with fewer than two responses give no pair.
+    """
+    out: dict[str, list[Any]] = {"prompt": [], "chosen": [], "rejected": [], "weight": []}
+    has_margin = "margin" in rows
+    if has_margin:
+        out["margin"] = []
+    for index, (prompt, ranking) in enumerate(zip(rows["prompt"], rows[ranking_column], strict=True)):
+        k = len(ranking)
+        if k < 2:
+            continue
+        weight = 1.0 / math.comb(k, 2) if weighting == "per_prompt" else 1.0
+        for better in range(k):
+            for worse in range(better + 1, k):
+                out["prompt"].append(prompt)
+                out["chosen"].append(ranking[better])
+                out["rejected"].append(ranking[worse])
+                out["weight"].append(weight)
+                if has_margin:
+                    out["margin"].append(rows["margin"][index])
+    if out["weight"]:
+        mean = sum(out["weight"]) / len(out["weight"])
+        out["weight"] = [w / mean for w in out["weight"]]
+    return out
+
+
+def _prepare(dataset: Any, config: Config) -> Any:
+    """Pairs with only the columns TRL reads (and `weight`), rankings expanded, system prompt added."""
+    from datasets import Dataset
+
+    from align.generation import with_system_prompt
+
+    layout = _layout(set(dataset.column_names), config.ranking_column)
+    if layout == "rankings":
+        keep = [c for c in ("prompt", config.ranking_column, "margin") if c in dataset.column_names]
+        dataset = Dataset.from_dict(expand_rankings(dataset.select_columns(keep).to_dict(), config.ranking_column,
+                                                    config.pair_weighting))
+    else:
+        keep = [c for c in ("prompt", "chosen", "rejected", "margin") if c in dataset.column_names]
+        if "prompt" in keep and isinstance(dataset[0]["prompt"], str) and isinstance(dataset[0]["chosen"], list):
+            # UltraFeedback-style rows: a text `prompt` beside conversations that already hold it.
+            keep.remove("prompt")
+        dataset = dataset.select_columns(keep)
+    if config.system_prompt:
+        target = "prompt" if "prompt" in dataset.column_names else None
+        columns = [target] if target else ["chosen", "rejected"]
+        if isinstance(dataset[0][columns[0]], list):
+            dataset = dataset.map(lambda row: {c: with_system_prompt(row[c], config.system_prompt) for c in columns})
+    return dataset
+
+
+def _weighted_trainer(**kwargs: Any) -> Any:
+    """TRL's `RewardTrainer` that also reads an optional per-pair `weight` column."""
+    from dataclasses import dataclass
+
+    import torch
+    import torch.nn.functional as F
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    @dataclass
+    class WeightedCollator(DataCollatorForPreference):
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = super().torch_call(examples)
+            if "weight" in examples[0]:
+                batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float)
+            return batch
+
+    class WeightedRewardTrainer(RewardTrainer):
+        def _set_signature_columns_if_needed(self) -> None:
+            super()._set_signature_columns_if_needed()
+            if "weight" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "weight"]
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            weight = inputs.pop("weight", None)
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            if weight is not None:
+                # Same forward pass, same TRL metrics; only the loss is reweighted.
+                chosen, rejected = outputs.logits.squeeze(-1).chunk(2)
+                margin = inputs.get("margin", 0.0)
+                loss = (weight * -F.logsigmoid(chosen - rejected - margin)).mean()
+                if self.args.center_rewards_coefficient is not None:
+                    loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+            return (loss, outputs) if return_outputs else loss
+
+    tokenizer = kwargs["processing_class"]
+    collator = WeightedCollator(pad_token_id=tokenizer.pad_token_id)
+    return WeightedRewardTrainer(data_collator=collator, **kwargs)
+
+
+def pairwise_metrics(trainer: Any) -> dict[str, Any]:
+    """Exact held-out pairwise accuracy and mean margin over the trainer's (prepared) eval set."""
+    import torch
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    differences = []
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            batch = trainer._prepare_inputs(batch)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            chosen, rejected = logits.squeeze(-1).float().chunk(2)
+            differences.append(trainer.accelerator.gather_for_metrics(chosen - rejected))
+    model.train(was_training)
+    diff = torch.cat(differences)
+    return {
+        "eval_accuracy": round(float((diff > 0).float().mean()), 4),
+        "eval_margin": round(float(diff.mean()), 4),
+        "eval_pairs": int(diff.numel()),
+    }
+
+
+def run(config: Config, ctx: Any) -> dict[str, Any]:
+    from align.data import load_dataset
+    from align.models import load_sequence_classifier, load_tokenizer, peft_config, save_model
+    from align.training import final_train_metrics, metrics_callback, trl_config
+
+    assert config.model is not None
+    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), config)
+    evaluation = _prepare(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed), config) if config.eval_dataset else None
+    tokenizer = load_tokenizer(config.model, padding_side="right")
+    model = load_sequence_classifier(config.model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    work_dir = ctx.artifact("trainer")
+    args = trl_config(config, work_dir)
+    trainer = _weighted_trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=peft_config(config.lora, task_type="SEQ_CLS") if config.lora else None,
+        callbacks=[metrics_callback(ctx.metrics)],
+    )
+    logger.info("reward_model: %d pairs, %s", len(train), "LoRA" if config.lora else "full fine-tune")
+    result = trainer.train()
+    metrics = final_train_metrics(trainer, result)
+    if evaluation is not None:
+        held_out = pairwise_metrics(trainer)
+        metrics.update(held_out)
+        ctx.metrics.write({"step": int(trainer.state.global_step), **held_out})
+    if trainer.is_world_process_zero():
+        save_model(trainer.model, tokenizer, ctx.artifact(ARTIFACTS["model"]), merge=bool(config.lora and config.lora.merge))
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return metrics
+

@@ -1,0 +1,258 @@
+"""PPO on the tiny model: short real runs (checkpoint, finite metrics, on-policy first update, LoRA
+reference, critic warm-up), rollout masking, prompt sharding, and config validation with key paths."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from align.recipe.errors import RecipeError
+from align.recipe.validate import load_recipe, load_recipe_text
+from align.runner import run_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+RECIPE = """\
+name: ppo-test
+seed: 0
+model: align:tiny
+stages:
+  - name: ppo
+    type: ppo
+    reward_model: align:tiny
+    rewards: [{rule: format, weight: 0.5}]
+    dataset: {path: "align:arithmetic", split: train, num_examples: 64}
+    eval_dataset: {path: "align:arithmetic", split: test, num_examples: 8}
+    learning_rate: 1.0e-4
+    per_device_train_batch_size: 4
+    gradient_accumulation_steps: 2
+    num_ppo_epochs: 2
+    max_steps: 3
+    response_length: 12
+    temperature: 1.0
+    missing_eos_penalty: 1.0
+    logging_steps: 1
+    num_sample_rollouts: 2
+"""
+
+
+def run_ppo(tmp_path: Path, *overrides: str) -> tuple[dict[str, Any], Path, list[dict[str, Any]]]:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    manifest = run_recipe(load_recipe(path, list(overrides)), tmp_path / "run", report=lambda _: None)
+    record = manifest.record("ppo")
+    assert record.status == "complete", record.error
+    stage_dir = tmp_path / "run" / "ppo"
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return record.metrics, tmp_path / "run" / record.artifacts["model"], rows
+
+
+def step_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if "policy_loss" in r]
+
+
+def test_smoke_run_writes_loadable_checkpoint_and_finite_metrics(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.embedded import embedded_model_path
+    from align.generation import generate
+
+    metrics, model_dir, rows = run_ppo(tmp_path)
+    assert metrics["steps"] == 3 and metrics["episodes"] == 24
+    steps = step_rows(rows)
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    wanted = {"score", "score/reward_model", "score/format", "kl", "kl_coef", "entropy", "policy_loss", "value_loss",
+              "policy_clip_fraction", "value_clip_fraction", "approx_kl", "explained_variance", "response_length",
+              "no_eos", "learning_rate"}
+    for row in steps:
+        assert wanted <= set(row)
+        assert all(math.isfinite(row[k]) for k in wanted), row
+        assert 1 <= row["response_length"] <= 12
+    # Score = RM score + 0.5 · format − 1 · (no EOS), as a mean over the batch.
+    first = steps[0]
+    expected = first["score/reward_model"] + 0.5 * first["score/format"] - first["no_eos"]
+    assert first["score"] == pytest.approx(expected, abs=1e-4)
+    samples = [r["rollouts"] for r in rows if "rollouts" in r]
+    assert len(samples) == 3 and all(len(s) == 2 and {"prompt", "response", "score"} <= set(s[0]) for s in samples)
+    evals = [r for r in rows if "eval/score" in r]
+    assert [r["step"] for r in evals] == [0, 3] and evals[0]["eval/kl"] == 0.0
+    assert {"eval_score_before", "eval_score_after", "eval_kl_after"} <= set(metrics)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    trained = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_path("align:tiny"))
+    changed = any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values(), strict=True))
+    assert changed
+    assert len(generate(trained, tokenizer, [[{"role": "user", "content": "What is 2+3?"}]], max_new_tokens=8)[0]) == 1
+
+
+def test_first_update_is_on_policy(tmp_path: Path) -> None:
+    # One epoch over one mini-batch: the update's ratio must be exactly 1 and nothing clipped. Any
+    # mismatch between rollout and training forward passes (dropout, positions, temperature, the
+    # logits/labels shift) shows up here; so does a reference that is not the starting policy (KL ≠ 0).
+    _, _, rows = run_ppo(tmp_path, "stages.ppo.max_steps=1", "stages.ppo.num_ppo_epochs=1",
+                         "stages.ppo.gradient_accumulation_steps=1", "stages.ppo.eval_dataset=null")
+    (row,) = step_rows(rows)
+    assert row["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert row["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert row["policy_clip_fraction"] == 0.0 and row["value_clip_fraction"] == 0.0
+    assert row["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_lora_actor_uses_the_disabled_adapter_as_reference(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from align.embedded import embedded_model_path
+
+    _, model_dir, rows = run_ppo(tmp_path, "stages.ppo.lora={r: 4, lora_alpha: 8}", "stages.ppo.max_steps=2",
+                                 "stages.ppo.learning_rate=5e-3", "stages.ppo.eval_dataset=null")
+    steps = step_rows(rows)
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # fresh adapter (B = 0): same as reference
+    assert steps[1]["kl"] != 0.0  # after an update the adapter-disabled reference differs
+    assert (model_dir / "adapter_config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_path("align:tiny"))
+    assert isinstance(PeftModel.from_pretrained(base, model_dir), PeftModel)
+
+
+def test_critic_warmup_leaves_the_actor_untouched(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from align.embedded import embedded_model_path
+
+    _, model_dir, rows = run_ppo(tmp_path, "stages.ppo.critic_warmup_steps=2", "stages.ppo.max_steps=2",
+                                 "stages.ppo.eval_dataset=null")
+    trained = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_path("align:tiny")).state_dict()
+    assert all(torch.equal(trained[k], base[k]) for k in base)
+    assert step_rows(rows)[1]["value_loss"] > 0  # the critic did train
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Stands in for a causal LM whose `generate` returns fixed tokens."""
+
+    def __init__(self, continuation: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.continuation = continuation
+
+    def generate(self, input_ids: torch.Tensor, **_: Any) -> torch.Tensor:
+        return torch.cat([input_ids, self.continuation], dim=1)
+
+
+def test_rollout_mask_stops_after_the_first_eos() -> None:
+    from align.generation import generate_tensors, left_pad
+
+    eos, pad = 9, 0
+    continuation = torch.tensor([[5, 9, 0, 0], [5, 6, 7, 8], [9, 0, 0, 0], [5, 9, 6, 9]])
+    query_ids, query_mask = left_pad([[1, 2], [3], [1, 2, 3], [4]], pad)
+    assert query_ids.tolist()[1] == [0, 0, 3] and query_mask.tolist()[1] == [0, 0, 1]
+    out = generate_tensors(_ScriptedModel(continuation), query_ids, query_mask, max_new_tokens=4, eos_ids=[eos],
+                           pad_id=pad, temperature=1.0)
+    assert out.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+    assert out.finished.tolist() == [True, False, True, True]
+    # Tokens after the first EOS are replaced by padding, whatever the model produced there.
+    assert out.response_ids.tolist()[3] == [5, 9, 0, 0]
+
+
+def test_prompt_stream_shards_each_global_batch_between_processes() -> None:
+    from align.stages.ppo import _prompt_stream
+
+    streams = [_prompt_stream(10, 3, SimpleNamespace(num_processes=2, process_index=r), seed=7) for r in (0, 1)]
+    per_rank = [[next(s) for _ in range(5)] for s in streams]  # 5 global batches of 6 = 3 epochs of 10
+    assert all(len(batch) == 3 for batches in per_rank for batch in batches)
+    # Rank 0 takes the first half of every global batch, rank 1 the second; read in order, the global
+    # batches walk through one shuffle of all prompts after another, so every prompt is seen once per epoch.
+    flat = [i for a, b in zip(*per_rank, strict=True) for i in a + b]
+    for epoch in range(3):
+        assert sorted(flat[10 * epoch : 10 * (epoch + 1)]) == list(range(10))
+    assert flat[:10] != flat[10:20]  # reshuffled each epoch
+
+
+BAD = """\
+name: bad
+model: align:tiny
+stages:
+  - name: ppo
+    type: ppo
+    reward_model: align:tiny
+    dataset: {path: "align:arithmetic", split: train}
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "path", "message"),
+    [
+        ("    cliprange: -0.1\n", "stages.0.cliprange", "greater than 0"),
+        ("    lam: 1.5\n", "stages.0.lam", "less than or equal to 1"),
+        ("    kl_coeff: 0.1\n", "stages.0.kl_coeff", "did you mean 'kl_coef'"),
+        ("    kl_estimator: k4\n", "stages.0.kl_estimator", "'k1'"),
+        ("    dual_clip: 0.5\n", "stages.0.dual_clip", "greater than 1"),
+        ("    rewards: [{rule: acuracy}]\n", "stages.0.rewards.0.rule", "Did you mean 'accuracy'"),
+        ("    rewards: [{rule: accuracy, params: {bogus: 1}}]\n", "stages.0.rewards.0.params", "unknown parameter 'bogus'"),
+        ("    reward_model: align:huge\n", "stages.0.reward_model.name_or_path", "unknown embedded model"),
+    ],
+)
+def test_malformed_configs_are_rejected_at_their_key(extra: str, path: str, message: str) -> None:
+    text = BAD.replace("    reward_model: align:tiny\n", "") if "reward_model" in extra else BAD
+    with pytest.raises(RecipeError) as caught:
+        load_recipe_text(text + extra)
+    problems = {".".join(str(p) for p in problem.path): problem.message for problem in caught.value.problems}
+    assert path in problems, problems
+    assert message in problems[path]
+
+
+def test_a_stage_without_any_reward_is_rejected() -> None:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe_text(BAD.replace("    reward_model: align:tiny\n", ""))
+    assert any("needs a reward" in p.message and p.path[:2] == ("stages", 0) for p in caught.value.problems)
+
+
+def test_rule_columns_are_required_of_both_datasets(tmp_path: Path) -> None:
+    prompts_only = tmp_path / "prompts.jsonl"
+    prompts_only.write_text(json.dumps({"prompt": "What is 1+1?"}) + "\n")
+    text = BAD + "    rewards: [{rule: accuracy}]\n    eval_dataset: {path: EVAL}\n"
+    load_recipe_text(text.replace("EVAL", '"align:arithmetic"'))  # prompt + solution: fine
+    with pytest.raises(RecipeError) as caught:
+        load_recipe_text(text.replace("EVAL", str(prompts_only)))
+    problems = {".".join(map(str, p.path)): p.message for p in caught.value.problems}
+    assert list(problems) == ["stages.0.eval_dataset.path"]
+    assert "no column 'solution'" in problems["stages.0.eval_dataset.path"]
+
+
+def test_response_length_also_reads_max_completion_length() -> None:
+    recipe = load_recipe_text(BAD + "    max_completion_length: 17\n")
+    assert recipe.stage("ppo").response_length == 17
+
+
+def test_rlhf_recipe_validates_with_the_tiny_model() -> None:
+    recipe = load_recipe(RECIPES / "rlhf.yaml", ["model=align:tiny"])
+    types = [stage.type for stage in recipe.stages]
+    assert types.index("sft") < types.index("reward_model") < types.index("ppo")
+    ppo = next(stage for stage in recipe.stages if stage.type == "ppo")
+    assert ppo.reward_model is not None and ppo.reward_model.name_or_path == "${stages.reward_model.model}"
+
+
+def test_rlhf_tiny_recipe_validates() -> None:
+    recipe = load_recipe(RECIPES / "rlhf_tiny.yaml")
+    assert [s.type for s in recipe.stages].count("ppo") == 1
+
+
+@pytest.mark.slow
+def test_rlhf_tiny_end_to_end(tmp_path: Path) -> None:
+    # About four minutes on 2 cores. Measured once: RM held-out pairwise accuracy 0.885; PPO held-out
+    # RM score 2.565 → 2.584 at KL 0.067 nats; greedy accuracy 0.805 → 0.78. These bounds guard
+    # against regressions (a broken RM, a KL leash that no longer holds), not for the gains themselves.
+    manifest = run_recipe(load_recipe(RECIPES / "rlhf_tiny.yaml"), tmp_path / "run", report=lambda _: None)
+    metrics = {stage.name: stage.metrics for stage in manifest.stages}
+    assert metrics["reward_model"]["eval_accuracy"] >= 0.8
+    ppo = metrics["ppo"]
+    assert ppo["eval_kl_after"] < 0.5
+    assert ppo["eval_score_after"] >= ppo["eval_score_before"] - 0.1
+    assert metrics["eval_ppo"]["accuracy"] >= metrics["eval_sft"]["accuracy"] - 0.06
