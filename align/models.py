@@ -225,7 +225,7 @@ def score_with_reward_model(
     Conversational prompts are rendered with the reward model's chat template as
     `[*prompt, {"role": "assistant", "content": completion}]` — the way TRL's RewardTrainer tokenised
     its training pairs, so the scores mean what they meant in training; plain-string prompts are
-    concatenated with the completion and EOS. Shared by rejection sampling and usable by PPO.
+    concatenated with the completion and EOS. Shared by rejection sampling and PPO.
     """
     import torch
 

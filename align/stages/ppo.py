@@ -279,26 +279,11 @@ class Scorer:
     def reward_model_scores(self, prompts: list[Any], texts: list[str]) -> Tensor:
         import torch
 
-        tokenizer = self.rm_tokenizer
-        if isinstance(prompts[0], str):
-            eos = tokenizer.eos_token or ""
-            rendered = [p + t + (eos if not t.endswith(eos) else "") for p, t in zip(prompts, texts, strict=True)]
-            special = True
-        else:
-            # The conversation exactly as the reward_model stage (TRL) tokenised its training pairs.
-            rendered = [
-                tokenizer.apply_chat_template([*p, {"role": "assistant", "content": t}], tokenize=False)
-                for p, t in zip(prompts, texts, strict=True)
-            ]
-            special = False
-        device = next(self.reward_model.parameters()).device
-        scores = []
-        for start in range(0, len(rendered), self.batch_size):
-            enc = tokenizer(rendered[start : start + self.batch_size], add_special_tokens=special, padding=True,
-                            return_tensors="pt").to(device)
-            with torch.no_grad():
-                scores.append(self.reward_model(**enc, use_cache=False).logits[:, 0].float().cpu())
-        return torch.cat(scores)
+        from align.models import score_with_reward_model
+
+        # Rendered exactly as the reward_model stage (TRL) tokenised its training pairs.
+        scores = score_with_reward_model(self.reward_model, self.rm_tokenizer, prompts, texts, batch_size=self.batch_size)
+        return torch.tensor(scores)
 
 
 def _rule_rewards(config: Config, base_dir: Any) -> list[tuple[str, float, Any]]:
@@ -557,6 +542,7 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
             logits = _policy_logits(model.policy, part, width, config.temperature)
             outs["logp"].append(logprobs_from_logits(logits, labels))
             outs["entropy"].append(entropy_from_logits(logits))
+            del logits  # one [chunk, T, V] logits tensor alive at a time, not the policy's and the reference's
             outs["ref"].append(logprobs_from_logits(reference_logits(part, width), labels))
             if with_values:
                 outs["values"].append(_values(model.critic, part, width))

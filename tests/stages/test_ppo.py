@@ -246,13 +246,15 @@ def test_rlhf_tiny_recipe_validates() -> None:
 
 @pytest.mark.slow
 def test_rlhf_tiny_end_to_end(tmp_path: Path) -> None:
-    # About four minutes on 2 cores. Measured once: RM held-out pairwise accuracy 0.885; PPO held-out
-    # RM score 2.565 → 2.584 at KL 0.067 nats; greedy accuracy 0.805 → 0.78. These bounds guard
-    # against regressions (a broken RM, a KL leash that no longer holds), not for the gains themselves.
+    # About four minutes on 2 cores. Measured once (RM + accuracy rule, 500 held-out prompts): RM held-out
+    # pairwise accuracy 0.945; PPO held-out RM score 2.834 → 2.822 at KL 0.018 nats; greedy accuracy
+    # 0.970 → 0.964. These bounds guard against regressions (a broken RM, a KL leash that no longer
+    # holds), not for the gains themselves, which the recipe does not yet deliver (issue 4).
     manifest = run_recipe(load_recipe(RECIPES / "rlhf_tiny.yaml"), tmp_path / "run", report=lambda _: None)
     metrics = {stage.name: stage.metrics for stage in manifest.stages}
-    assert metrics["reward_model"]["eval_accuracy"] >= 0.8
+    assert metrics["reward_model"]["eval_accuracy"] >= 0.85
     ppo = metrics["ppo"]
-    assert ppo["eval_kl_after"] < 0.5
+    assert ppo["eval_kl_after"] < 0.3
     assert ppo["eval_score_after"] >= ppo["eval_score_before"] - 0.1
-    assert metrics["eval_ppo"]["accuracy"] >= metrics["eval_sft"]["accuracy"] - 0.06
+    assert ppo["eval_score_reward_model_after"] >= ppo["eval_score_reward_model_before"] - 0.1
+    assert metrics["eval_ppo"]["accuracy"] >= metrics["eval_sft"]["accuracy"] - 0.03
