@@ -246,15 +246,13 @@ def test_rlhf_tiny_recipe_validates() -> None:
 
 @pytest.mark.slow
 def test_rlhf_tiny_end_to_end(tmp_path: Path) -> None:
-    # About four minutes on 2 cores. Measured once (RM + accuracy rule, 500 held-out prompts): RM held-out
-    # pairwise accuracy 0.945; PPO held-out RM score 2.834 → 2.822 at KL 0.018 nats; greedy accuracy
-    # 0.970 → 0.964. These bounds guard against regressions (a broken RM, a KL leash that no longer
-    # holds), not for the gains themselves, which the recipe does not yet deliver (issue 4).
+    # About four minutes on 2 cores. Measured once (500 held-out prompts): RM held-out pairwise
+    # accuracy 0.9075; PPO (RM + accuracy rule) held-out RM score 2.607 → 2.783 at KL 0.69 nats per
+    # sequence; greedy accuracy 0.462 → 0.800.
     manifest = run_recipe(load_recipe(RECIPES / "rlhf_tiny.yaml"), tmp_path / "run", report=lambda _: None)
     metrics = {stage.name: stage.metrics for stage in manifest.stages}
     assert metrics["reward_model"]["eval_accuracy"] >= 0.85
     ppo = metrics["ppo"]
-    assert ppo["eval_kl_after"] < 0.3
-    assert ppo["eval_score_after"] >= ppo["eval_score_before"] - 0.1
-    assert ppo["eval_score_reward_model_after"] >= ppo["eval_score_reward_model_before"] - 0.1
-    assert metrics["eval_ppo"]["accuracy"] >= metrics["eval_sft"]["accuracy"] - 0.03
+    assert ppo["eval_kl_after"] < 1.5
+    assert ppo["eval_score_reward_model_after"] > ppo["eval_score_reward_model_before"]
+    assert metrics["eval_ppo"]["accuracy"] >= metrics["eval_sft"]["accuracy"] + 0.1
