@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from align.recipe.errors import RecipeError, format_path
+from align.recipe.errors import RecipeError
 from align.recipe.validate import load_recipe
 from align.runner import run_recipe
+from tests.recipe_problems import recipe_problems
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -35,11 +36,7 @@ stages:
 
 
 def problems(tmp_path: Path, *overrides: str) -> dict[str, str]:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE)
-    with pytest.raises(RecipeError) as info:
-        load_recipe(path, list(overrides))
-    return {format_path(p.path): p.message for p in info.value.problems}
+    return recipe_problems(tmp_path, RECIPE, *overrides)
 
 
 def student_copy(tmp_path: Path, *, extra_vocab: int = 0, swap_tokens: bool = False) -> Path:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from align.recipe.errors import RecipeError, format_path
 from align.recipe.validate import load_recipe
 from align.runner import run_recipe
+from tests.recipe_problems import recipe_problems
 
 RECIPE = """\
 name: grpo-test
@@ -32,11 +32,7 @@ stages:
 
 
 def problems(tmp_path: Path, *overrides: str, text: str = RECIPE) -> dict[str, str]:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(text)
-    with pytest.raises(RecipeError) as info:
-        load_recipe(path, list(overrides))
-    return {format_path(p.path): p.message for p in info.value.problems}
+    return recipe_problems(tmp_path, text, *overrides)
 
 
 @pytest.mark.parametrize(

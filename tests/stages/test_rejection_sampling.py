@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from align.recipe.errors import RecipeError, format_path
 from align.recipe.validate import load_recipe
 from align.runner import run_recipe
 from align.stages.rejection_sampling import (
@@ -22,6 +21,7 @@ from align.stages.rejection_sampling import (
     select_samples,
     weighted_total,
 )
+from tests.recipe_problems import recipe_problems
 
 # ------------------------------------------------------------------------------------------------
 # keep policies and filters, on fixed scores
@@ -137,11 +137,7 @@ stages:
 
 
 def problems(tmp_path: Path, *overrides: str) -> dict[str, str]:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE)
-    with pytest.raises(RecipeError) as info:
-        load_recipe(path, list(overrides))
-    return {format_path(p.path): p.message for p in info.value.problems}
+    return recipe_problems(tmp_path, RECIPE, *overrides)
 
 
 @pytest.mark.parametrize(
