@@ -6,12 +6,13 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 from align.artifacts import MetricsWriter
-from align.models import use_bf16, use_gradient_checkpointing
-from align.recipe.schema import StageConfig, TrainingKnobs
+from align.models import save_model, use_bf16, use_gradient_checkpointing
+from align.recipe.schema import LoraSpec, StageConfig, TrainingKnobs
 from align.recipe.validate import trl_config_fields
 
 logger = logging.getLogger("align")
@@ -68,6 +69,14 @@ def prepare_sft_dataset(dataset: Any, system_prompt: str | None) -> Any:
 def warmup_step_count(warmup_steps: float, total_steps: int) -> int:
     """transformers' convention: a float below 1 is a share of all steps, anything else whole steps."""
     return math.ceil(warmup_steps * total_steps) if 0 < warmup_steps < 1 else int(warmup_steps)
+
+
+def save_trained_model(trainer: Any, tokenizer: Any, out_dir: Path, lora: LoraSpec | None, work_dir: Path) -> None:
+    """On the main process, save the trained model (the adapter, or merged if `lora.merge`) as the
+    stage's model artifact and drop the trainer's scratch checkpoints."""
+    if trainer.is_world_process_zero():
+        save_model(trainer.model, tokenizer, out_dir, merge=bool(lora and lora.merge))
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def metrics_callback(writer: MetricsWriter) -> Any:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -292,9 +291,14 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
         load_tokenizer,
         peft_config,
         resolve_model_path,
-        save_model,
     )
-    from align.training import final_train_metrics, metrics_callback, prepare_sft_dataset, trl_config
+    from align.training import (
+        final_train_metrics,
+        metrics_callback,
+        prepare_sft_dataset,
+        save_trained_model,
+        trl_config,
+    )
 
     teacher = config.teacher or config.model
     assert teacher is not None
@@ -339,8 +343,6 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
     if teacher_params:
         metrics["teacher_params"] = teacher_params
         metrics["student_teacher_param_ratio"] = round(student_params / teacher_params, 4)
-    if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, ctx.artifact(ARTIFACTS["model"]), merge=bool(config.lora and config.lora.merge))
-        shutil.rmtree(work_dir, ignore_errors=True)
+    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
     ctx.metrics.write(metrics)
     return metrics

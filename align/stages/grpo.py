@@ -15,7 +15,6 @@ scores into samples.jsonl. Per-rule failure counts (samples scored None) go into
 from __future__ import annotations
 
 import logging
-import shutil
 from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, PositiveInt
@@ -154,9 +153,9 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
     from trl import GRPOTrainer
 
     from align.data import load_dataset
-    from align.models import load_causal_lm, load_tokenizer, peft_config, save_model
+    from align.models import load_causal_lm, load_tokenizer, peft_config
     from align.rewards import bind_rule, resolve_rule
-    from align.training import final_train_metrics, metrics_callback, trl_config
+    from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
 
     assert config.model is not None
     tokenizer = load_tokenizer(config.model, padding_side="left")
@@ -191,6 +190,5 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
             logger.warning("grpo: rule %s scored None on %d samples (%s)", fn.__name__, fn.failures, fn.stats.last_error)
     if trainer.is_world_process_zero():
         ctx.artifact(ARTIFACTS["samples"]).touch()
-        save_model(trainer.model, tokenizer, ctx.artifact(ARTIFACTS["model"]), merge=bool(config.lora and config.lora.merge))
-        shutil.rmtree(work_dir, ignore_errors=True)
+    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
     return metrics

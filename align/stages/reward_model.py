@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, PositiveInt
@@ -211,8 +210,8 @@ def pairwise_metrics(trainer: Any) -> dict[str, Any]:
 
 def run(config: Config, ctx: Any) -> dict[str, Any]:
     from align.data import load_dataset
-    from align.models import load_sequence_classifier, load_tokenizer, peft_config, save_model
-    from align.training import final_train_metrics, metrics_callback, trl_config
+    from align.models import load_sequence_classifier, load_tokenizer, peft_config
+    from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
 
     assert config.model is not None
     train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), config)
@@ -238,8 +237,6 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
         held_out = pairwise_metrics(trainer)
         metrics.update(held_out)
         ctx.metrics.write({"step": int(trainer.state.global_step), **held_out})
-    if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, ctx.artifact(ARTIFACTS["model"]), merge=bool(config.lora and config.lora.merge))
-        shutil.rmtree(work_dir, ignore_errors=True)
+    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
     return metrics
 

@@ -9,7 +9,6 @@ by default; `lora:` switches to LoRA (and `lora.load_in_4bit` to QLoRA). Any oth
 from __future__ import annotations
 
 import logging
-import shutil
 from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, PositiveInt
@@ -63,8 +62,8 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
     from trl import SFTTrainer
 
     from align.data import load_dataset
-    from align.models import load_causal_lm, load_tokenizer, peft_config, quantization_config, save_model
-    from align.training import final_train_metrics, metrics_callback, trl_config
+    from align.models import load_causal_lm, load_tokenizer, peft_config, quantization_config
+    from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
 
     assert config.model is not None
     train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), config.system_prompt)
@@ -95,7 +94,5 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
     metrics = final_train_metrics(trainer, result)
     if evaluation is not None:
         metrics["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 5)
-    if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, ctx.artifact(ARTIFACTS["model"]), merge=bool(config.lora and config.lora.merge))
-        shutil.rmtree(work_dir, ignore_errors=True)
+    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
     return metrics
