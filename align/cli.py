@@ -54,7 +54,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
     from align.recipe.validate import load_recipe
-    from align.runner import report, run_recipe
+    from align.runner import render_report, run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print_config:
@@ -69,7 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 130
     except Exception:
         return 1
-    print("\n" + report(manifest))
+    print("\n" + render_report(manifest))
     return 0
 
 
@@ -83,13 +83,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from align.artifacts import Manifest
-    from align.runner import report
+    from align.runner import render_report
 
     manifest = Manifest.read(args.run_dir)
     if manifest is None:
         print(f"{args.run_dir}: no manifest.json (not a run directory)", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(report(manifest))
+    print(render_report(manifest))
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -169,8 +170,6 @@ def execute_stage(config: StageConfig, run_dir: Path, base_dir: Path) -> dict[st
 
 
 def _is_main_process() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -258,7 +257,7 @@ def accuracy_table(manifest: art.Manifest) -> str:
     return "\n".join(lines)
 
 
-def report(manifest: art.Manifest) -> str:
+def render_report(manifest: art.Manifest) -> str:
     """The end-of-run screen: every stage's status and metrics, then held-out accuracy by stage."""
     table = accuracy_table(manifest)
     return summary_table(manifest) + (f"\n\nHeld-out accuracy\n{table}" if table else "")

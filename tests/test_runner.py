@@ -160,7 +160,7 @@ def test_hard_kill_mid_stage_leaves_nothing_that_looks_complete(tmp_path: Path) 
 def test_stage_in_its_own_process(tmp_path: Path) -> None:
     """`launcher: subprocess` runs the stage through `python -m align.stage_main`; the orchestrator
     only sees what it wrote to disk."""
-    from align.runner import report
+    from align.runner import render_report
 
     text = """\
 name: sub
@@ -177,4 +177,4 @@ stages:
     assert record.status == "complete"
     assert record.metrics["num_prompts"] == 4
     assert (tmp_path / "run" / "ev" / "predictions.jsonl").read_text().count("\n") == 4
-    assert "Held-out accuracy" in report(manifest) and "ev " in report(manifest)
+    assert "Held-out accuracy" in render_report(manifest) and "ev " in render_report(manifest)
