@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SETUP = """
-import os, sys, json, time, resource
+import os, sys, json, time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_DISABLED"] = "true"
@@ -39,7 +39,9 @@ import torch
 torch.set_num_threads(1)
 cfg = json.loads(sys.argv[1])
 def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: the latter also counts the forking parent's footprint from before exec.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 """
 
 OURS = SETUP + """

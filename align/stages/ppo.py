@@ -45,9 +45,15 @@ learning rate, step time; and `num_sample_rollouts` sample rollouts. With an `ev
 greedy score (and each part) on held-out prompts before and after training, plus the sampled KL to the
 reference, go into the stage result as `eval_*_before` / `eval_*_after`.
 
+Memory: in a single process the actor's loss is back-propagated before the critic's forward, so only
+one network's activations are alive at a time (the gradients are those of the summed loss, since the
+two share no parameters); TRL ≤1.12 kept both graphs alive. Only the response positions go through
+the LM head (`logits_to_keep`), and log-probs never materialise a full log-softmax.
+
 Scale-out: one `Accelerator`; actor and critic live in one module and one optimiser (one DDP or
-DeepSpeed ZeRO-2 engine, as TRL did), the frozen models are plain per-process copies, prompts are
-sharded by process, and whitening and logged means are computed across processes.
+DeepSpeed ZeRO-2 engine, as TRL did; there one backward goes through both), the frozen models are
+plain per-process copies, prompts are sharded by process, and whitening and logged means are
+computed across processes.
 """
 
 from __future__ import annotations
@@ -211,10 +217,12 @@ def _actor_critic_class() -> type:
             self.policy = policy
             self.critic = critic
 
-        def forward(self, batch: dict[str, Tensor], response_length: int, temperature: float) -> tuple[Tensor, Tensor]:
-            """Logits (÷ temperature) and values for the `response_length` response positions."""
-            logits = _policy_logits(self.policy, batch, response_length, temperature)
-            return logits, _values(self.critic, batch, response_length)
+        def forward(self, batch: dict[str, Tensor], response_length: int, temperature: float, *,
+                    policy: bool = True, critic: bool = True) -> tuple[Tensor | None, Tensor | None]:
+            """Logits (÷ temperature) and values for the `response_length` response positions; either
+            part can be skipped (None)."""
+            logits = _policy_logits(self.policy, batch, response_length, temperature) if policy else None
+            return logits, _values(self.critic, batch, response_length) if critic else None
 
     return _ActorCritic
 
@@ -373,6 +381,41 @@ def _mean(accelerator: Any, values: Tensor) -> float:
     return float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
 
 
+def _backward_ppo_losses(actor_critic: nn.Module, backward: Any, micro_batch: tuple[Any, ...], config: Config,
+                         actor_weight: float, *, one_backward: bool) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """Clipped policy and value losses of one micro-batch, back-propagated; returns them and their stats.
+
+    Actor and critic share no parameters, so their losses can be back-propagated one after the other
+    with the same gradients as one backward of the sum: only one network's activations are then alive
+    at a time, which halves peak activation memory for equal-sized models. A DDP or DeepSpeed engine
+    expects exactly one backward per step, so there (`one_backward`) both go through at once."""
+    from align.rl.functional import logprobs_from_logits, policy_loss, value_loss
+
+    batch, responses, mask, old_logp, old_values, advantages, returns = micro_batch
+    width = responses.shape[1]
+
+    def actor_loss(logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return policy_loss(logprobs_from_logits(logits, responses), old_logp, advantages, mask, config.cliprange,
+                           config.cliprange_high, config.dual_clip)
+
+    def critic_loss(values: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return value_loss(values, old_values, returns, mask, config.cliprange_value)
+
+    if one_backward:
+        logits, values = actor_critic(batch, width, config.temperature)
+        (pg_loss, pg_stats), (vf_loss, vf_stats) = actor_loss(logits), critic_loss(values)
+        backward(actor_weight * pg_loss + config.vf_coef * vf_loss)
+        return pg_loss, vf_loss, pg_stats, vf_stats
+    logits, _ = actor_critic(batch, width, config.temperature, critic=False)
+    pg_loss, pg_stats = actor_loss(logits)
+    backward(actor_weight * pg_loss)
+    del logits  # the actor's activations are freed before the critic's forward
+    _, values = actor_critic(batch, width, config.temperature, policy=False)
+    vf_loss, vf_stats = critic_loss(values)
+    backward(config.vf_coef * vf_loss)
+    return pg_loss, vf_loss, pg_stats, vf_stats
+
+
 # --------------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------------
@@ -381,7 +424,7 @@ def _mean(accelerator: Any, values: Tensor) -> float:
 def run(config: Config, ctx: Any) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from transformers import get_scheduler
 
     from align.data import load_dataset
@@ -410,8 +453,6 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
         masked_sum,
         masked_whiten,
         per_token_rewards,
-        policy_loss,
-        value_loss,
     )
     from align.training import warmup_step_count
 
@@ -500,6 +541,9 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
             return _policy_logits(reference, batch, response_length, config.temperature)
         with unwrapped().policy.disable_adapter():
             return _policy_logits(unwrapped().policy, batch, response_length, config.temperature)
+
+    # A DDP or DeepSpeed engine expects one backward per step; alone, the two passes halve peak memory.
+    one_backward = accelerator.distributed_type != DistributedType.NO
 
     kl_controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                      if config.kl_target is not None else FixedKLController(config.kl_coef))
@@ -607,8 +651,9 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
             ctx.metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
 
     # ---- training ---------------------------------------------------------------------------------
-    logger.info("ppo: %d steps × %d rollouts (%s actor, %s critic)", total_steps, global_batch,
-                "LoRA" if config.lora else "full", "LoRA" if config.value_lora else "full")
+    logger.info("ppo: %d steps × %d rollouts (%s actor, %s critic) on %d process(es), %s", total_steps, global_batch,
+                "LoRA" if config.lora else "full", "LoRA" if config.value_lora else "full",
+                accelerator.num_processes, accelerator.distributed_type.value)
     started = time.perf_counter()
     first_score = last_score = math.nan
     for step in range(1, total_steps + 1):
@@ -625,16 +670,12 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
             for mb_start in range(0, len(experience), mini):
                 for mu_start in range(mb_start, mb_start + mini, micro):
                     index = order[mu_start : mu_start + micro]
-                    batch, responses, mask, old_logp, old_values, advantages, returns = experience.micro(index)
                     with accelerator.accumulate(actor_critic):
-                        logits, values = actor_critic(batch, responses.shape[1], config.temperature)
-                        logp = logprobs_from_logits(logits, responses)
-                        pg_loss, pg_stats = policy_loss(logp, old_logp, advantages, mask, config.cliprange,
-                                                        config.cliprange_high, config.dual_clip)
-                        vf_loss, vf_stats = value_loss(values, old_values, returns, mask, config.cliprange_value)
                         # × 0 during critic warm-up keeps the actor in the graph (DDP expects every parameter).
-                        loss = (pg_loss if actor_learns else 0.0 * pg_loss) + config.vf_coef * vf_loss
-                        accelerator.backward(loss)
+                        actor_weight = 1.0 if actor_learns else 0.0
+                        pg_loss, vf_loss, pg_stats, vf_stats = _backward_ppo_losses(
+                            actor_critic, accelerator.backward, experience.micro(index), config, actor_weight,
+                            one_backward=one_backward)
                         if accelerator.sync_gradients:
                             if config.max_grad_norm > 0:
                                 accelerator.clip_grad_norm_(actor_critic.parameters(), config.max_grad_norm)
@@ -695,6 +736,7 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
     return {
         "steps": total_steps,
         "episodes": total_steps * global_batch,
+        "num_processes": accelerator.num_processes,
         "first_score": round(first_score, 4),
         "last_score": round(last_score, 4),
         **results,

@@ -3,6 +3,7 @@ reference, critic warm-up), rollout masking, prompt sharding, and config validat
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -132,6 +133,56 @@ def test_critic_warmup_leaves_the_actor_untouched(tmp_path: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(embedded_model_path("align:tiny")).state_dict()
     assert all(torch.equal(trained[k], base[k]) for k in base)
     assert step_rows(rows)[1]["value_loss"] > 0  # the critic did train
+
+
+def test_actor_then_critic_backward_gives_the_summed_loss_gradients() -> None:
+    # The single-process path back-propagates the actor's loss before the critic's forward (half the
+    # peak activation memory); its gradients must be exactly those of DDP's one backward of the sum.
+    from align.embedded import embedded_model_path
+    from align.models import load_causal_lm, load_sequence_classifier
+    from align.recipe.schema import ModelSpec
+    from align.stages.ppo import Config, _actor_critic_class, _backward_ppo_losses, _full_batch
+
+    spec = ModelSpec(name_or_path=str(embedded_model_path("align:tiny")))
+    config = Config(name="ppo", model=spec, reward_model=spec, dataset={"path": "align:arithmetic"},
+                    vf_coef=0.3, cliprange=0.1, cliprange_value=0.05)
+    torch.manual_seed(0)
+    rows, prompt_len, width = 3, 5, 6
+    query_ids = torch.randint(5, 300, (rows, prompt_len))
+    query_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    responses = torch.randint(5, 300, (rows, width))
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    micro_batch = (_full_batch(query_ids, query_mask, responses, mask), responses, mask,
+                   -torch.rand(rows, width) - 4.0, torch.randn(rows, width) * 0.1, torch.randn(rows, width),
+                   torch.randn(rows, width))
+
+    start = _actor_critic_class()(load_causal_lm(spec), load_sequence_classifier(spec))  # the head is random
+    grads = []
+    losses = []
+    for one_backward in (True, False):
+        actor_critic = copy.deepcopy(start)
+        out = _backward_ppo_losses(actor_critic, torch.Tensor.backward, micro_batch, config, 1.0,
+                                   one_backward=one_backward)
+        losses.append([float(x) for x in out[:2]])
+        grads.append({n: p.grad.clone() for n, p in actor_critic.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    assert any(n.startswith("policy.") for n in grads[0]) and any(n.startswith("critic.") for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert any(g.abs().sum() > 0 for n, g in grads[0].items() if n.startswith("critic."))
+
+
+def test_two_process_ddp_run_takes_the_one_backward_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Real DDP over gloo (field notes: ACCELERATE_USE_CPU + --multi_gpu; plain --cpu starts one process).
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    metrics, model_dir, rows = run_ppo(
+        tmp_path, "stages.ppo.launcher={type: accelerate, num_processes: 2, extra_args: [--multi_gpu]}",
+        "stages.ppo.max_steps=2", "stages.ppo.eval_dataset=null")
+    assert metrics["num_processes"] == 2  # the world size torch.distributed was initialised with
+    assert metrics["episodes"] == 2 * 2 * 4 * 2  # steps × processes × micro-batch × accumulation
+    assert all(math.isfinite(r["policy_loss"]) and math.isfinite(r["value_loss"]) for r in step_rows(rows))
+    assert (model_dir / "config.json").exists()
 
 
 class _ScriptedModel(torch.nn.Module):
