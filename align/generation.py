@@ -127,15 +127,13 @@ def generate(
     length are batched together so little compute goes to padding; results keep the input order."""
     import torch
 
-    if temperature == 0.0 and num_samples > 1:
-        raise ValueError("greedy decoding (temperature 0) gives identical samples; set temperature > 0")
+    _check_sampling(temperature, num_samples)
     if seed is not None:
         torch.manual_seed(seed)
     encoded = encode_prompts(tokenizer, prompts)
     jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(num_samples)), key=lambda j: len(encoded[j[0]]))
     results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
-    eos_ids = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    eos_ids, pad_id = eos_and_pad_ids(model, tokenizer)
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
         input_ids, attention = left_pad([encoded[i] for i, _ in batch], pad_id)
@@ -154,6 +152,17 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in found:
         found.append(tokenizer.eos_token_id)
     return found
+
+
+def eos_and_pad_ids(model: Any, tokenizer: Any) -> tuple[list[int], int]:
+    """The ids that end a response, and the one to pad with (the first EOS when there is no pad)."""
+    eos_ids = eos_token_ids(model, tokenizer)
+    return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+
+def _check_sampling(temperature: float, num_samples: int) -> None:
+    if temperature == 0.0 and num_samples > 1:
+        raise ValueError("greedy decoding (temperature 0) gives identical samples; set temperature > 0")
 
 
 def _to_sample(ids: list[int], eos_ids: list[int], pad_id: int, tokenizer: Any) -> Sample:
@@ -226,8 +235,7 @@ def generate_vllm(
     them, so a chat template that already writes BOS does not get a second one from vLLM."""
     from vllm import SamplingParams
 
-    if temperature == 0.0 and num_samples > 1:
-        raise ValueError("greedy decoding (temperature 0) gives identical samples; set temperature > 0")
+    _check_sampling(temperature, num_samples)
     params = SamplingParams(
         n=num_samples,
         temperature=temperature,

@@ -191,6 +191,13 @@ def task_params(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cpu_trainer_args(args: argparse.Namespace) -> dict[str, Any]:
+    """What SFTConfig and GRPOConfig share here: one seeded CPU process, no decay, saves or reporting."""
+    return {"weight_decay": 0.0, "save_strategy": "no", "report_to": [], "bf16": False,
+            "gradient_checkpointing": False, "use_cpu": True, "seed": args.seed, "dataloader_num_workers": 0,
+            "disable_tqdm": True}
+
+
 def run_sft(
     args: argparse.Namespace,
     init_dir: Path,
@@ -217,16 +224,8 @@ def run_sft(
         learning_rate=lr,
         lr_scheduler_type=scheduler,
         warmup_steps=warmup,
-        weight_decay=0.0,
         logging_steps=max(steps // 10, 1),
-        save_strategy="no",
-        report_to=[],
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        seed=args.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+        **cpu_trainer_args(args),
     )
     every = args.eval_every_sft if tag == "sft" else 0
     callback = EvalCallback(tokenizer, test, every, args.max_completion_length, tag)
@@ -268,7 +267,6 @@ def run_grpo(args: argparse.Namespace, sft_dir: Path, out_dir: Path, test: Any) 
         learning_rate=args.grpo_lr,
         lr_scheduler_type=args.grpo_scheduler,
         warmup_steps=0,
-        weight_decay=0.0,
         beta=0.0,
         temperature=args.temperature,
         max_completion_length=args.max_completion_length,
@@ -276,14 +274,7 @@ def run_grpo(args: argparse.Namespace, sft_dir: Path, out_dir: Path, test: Any) 
         loss_type=args.loss_type,
         scale_rewards=args.scale_rewards,
         logging_steps=max(args.grpo_steps // 10, 1),
-        save_strategy="no",
-        report_to=[],
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        seed=args.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+        **cpu_trainer_args(args),
     )
     callback = EvalCallback(tokenizer, test, args.eval_every_grpo, args.max_completion_length, "grpo")
     trainer = GRPOTrainer(

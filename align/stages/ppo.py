@@ -428,7 +428,13 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
     from transformers import get_scheduler
 
     from align.data import load_dataset
-    from align.generation import encode_prompts, eos_token_ids, generate_tensors, left_pad, with_system_prompt
+    from align.generation import (
+        encode_prompts,
+        eos_and_pad_ids,
+        generate_tensors,
+        left_pad,
+        with_system_prompt,
+    )
     from align.models import (
         device,
         load_causal_lm,
@@ -492,8 +498,7 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
         critic = get_peft_model(critic, peft_config(config.value_lora, task_type="SEQ_CLS"))
     scorer = Scorer(reward_model, rm_tokenizer, config.reward_model_weight, _rule_rewards(config, ctx.base_dir),
                     config.local_rollout_forward_batch_size)
-    eos_ids = eos_token_ids(policy, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    eos_ids, pad_id = eos_and_pad_ids(policy, tokenizer)
 
     # ---- data ---------------------------------------------------------------------------------
     def prompt_table(spec: Any) -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:

@@ -175,6 +175,8 @@ def test_actor_then_critic_backward_gives_the_summed_loss_gradients() -> None:
 
 def test_two_process_ddp_run_takes_the_one_backward_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Real DDP over gloo (field notes: ACCELERATE_USE_CPU + --multi_gpu; plain --cpu starts one process).
+    # Were the single-process actor-then-critic passes taken here, DDP's reducer would fail the run
+    # ("Expected to have finished reduction…": the critic's parameters get no gradient in the first).
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     metrics, model_dir, rows = run_ppo(
         tmp_path, "stages.ppo.launcher={type: accelerate, num_processes: 2, extra_args: [--multi_gpu]}",
