@@ -25,17 +25,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Aggregation",
     "AdaptiveKLController",
     "FixedKLController",
     "KLKind",
     "RunningMoments",
-    "aggregate_loss",
     "clip_scores",
     "compute_gae",
     "entropy_from_logits",
     "explained_variance",
-    "group_advantages",
     "kl_k1",
     "kl_k2",
     "kl_k3",
@@ -51,8 +48,6 @@ __all__ = [
 ]
 
 KLKind = Literal["k1", "k2", "k3", "abs"]
-Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
-GroupScale = Literal["group", "batch", "none"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,56 +232,6 @@ def compute_gae(
     return advantages, returns
 
 
-def group_advantages(
-    rewards: Tensor, group_size: int, scale: GroupScale = "group", eps: float = 1e-4
-) -> Tensor:
-    """GRPO-style group-relative advantages, one scalar per completion.
-
-    Completions are grouped in consecutive blocks of ``group_size`` (all generations of one prompt
-    next to each other, the layout TRL and vLLM produce)::
-
-        A_i = r_i − mean_{group(i)}(r)
-        "group": A_i / (std_{group(i)}(r) + eps)      (GRPO, TRL's default scale_rewards="group")
-        "batch": A_i / (std_{batch}(r) + eps)          (std over all N rewards; TRL "batch")
-        "none":  A_i                                   (Dr.GRPO: no std division)
-
-    Standard deviations are unbiased (torch's default, as in TRL). A group of identical rewards gives
-    ``A = 0`` for all its members (DAPO's dynamic sampling drops such groups). ``group_size == 1``
-    gives all zeros.
-
-    This is for align's own (non-TRL) code paths; TRL's ``GRPOTrainer`` computes its advantages
-    internally from ``scale_rewards`` and does not call this.
-
-    Args:
-        rewards: ``[N]`` with ``N`` divisible by ``group_size``.
-        group_size: generations per prompt ``G``.
-        scale: see above.
-        eps: added to the std (TRL uses 1e-4).
-
-    Returns:
-        ``[N]`` advantages, detached. Broadcast to tokens with ``adv[:, None]``; :func:`policy_loss`
-        also accepts ``[B]`` advantages directly.
-    """
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.numel() % group_size != 0:
-        raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size}")
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"unknown scale {scale!r}")
-    rewards = rewards.detach()
-    grouped = rewards.view(-1, group_size)
-    centered = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
-    if scale == "none":
-        return centered
-    if scale == "group":
-        # correction=0 for G == 1 only avoids 0/0 = NaN; the centred rewards are 0 there anyway.
-        std = grouped.std(dim=1, correction=1 if group_size > 1 else 0)
-        std = std.repeat_interleave(group_size)
-    else:
-        std = rewards.std(correction=1 if rewards.numel() > 1 else 0)
-    return centered / (std + eps)
-
-
 # --------------------------------------------------------------------------------------------------
 # KL
 # --------------------------------------------------------------------------------------------------
@@ -458,45 +403,6 @@ class AdaptiveKLController:
 # --------------------------------------------------------------------------------------------------
 
 
-def aggregate_loss(
-    loss: Tensor, mask: Tensor, aggregation: Aggregation = "token_mean", norm_len: int | None = None
-) -> Tensor:
-    """Reduce a per-token loss ``[B, T]`` to a scalar.
-
-    * ``"token_mean"``: ``Σ_{b,t} m·ℓ / Σ m`` over the whole batch (DAPO, TRL GRPO default "dapo",
-      PPO anchors). Long sequences weigh more.
-    * ``"seq_mean_token_mean"``: ``mean_b [Σ_t m·ℓ / Σ_t m]`` over rows with ≥ 1 real token (original
-      GRPO). Every sequence weighs the same, so tokens of short sequences weigh more.
-    * ``"seq_mean_token_sum_norm"``: ``mean_b [Σ_t m·ℓ / L] = Σ m·ℓ / (B · L)`` with a constant ``L``
-      (Dr.GRPO, TRL "dr_grpo"), which removes the length bias of the other two.
-      ``L = norm_len``; pass the generation limit (``max_completion_length``), because the default
-      ``T`` (padded width) changes from batch to batch.
-
-    Args:
-        loss: ``[B, T]`` per-token loss.
-        mask: ``[B, T]`` response mask.
-        aggregation: see above.
-        norm_len: ``L`` for ``"seq_mean_token_sum_norm"``; ignored otherwise.
-
-    Returns:
-        0-dim tensor.
-    """
-    _check_same_shape(loss=loss, mask=mask)
-    if aggregation == "token_mean":
-        return masked_mean(loss, mask)
-    if aggregation == "seq_mean_token_mean":
-        m = mask != 0
-        per_seq = masked_mean(loss, m, dim=-1)
-        return masked_mean(per_seq, m.any(dim=-1))
-    if aggregation == "seq_mean_token_sum_norm":
-        length = loss.shape[-1] if norm_len is None else norm_len
-        if length <= 0:
-            raise ValueError(f"norm_len must be > 0, got {length}")
-        per_seq = masked_sum(loss, mask, dim=-1) / length
-        return per_seq.mean()
-    raise ValueError(f"unknown aggregation {aggregation!r}")
-
-
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -505,8 +411,6 @@ def policy_loss(
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
-    aggregation: Aggregation = "token_mean",
-    norm_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss (Schulman et al. 2017), with clip-higher and dual-clip options.
 
@@ -516,7 +420,8 @@ def policy_loss(
         ℓ      = min(ℓ_clip, c·|A|)   if dual_clip = c and A < 0      (Ye et al. 2020)
         ℓ      = ℓ_clip               otherwise
 
-    then reduced with :func:`aggregate_loss`. ``ε_low = clip_eps``; ``ε_high = clip_eps_high`` or
+    then averaged over all real tokens of the batch (token mean: DAPO, TRL's GRPO default "dapo", the
+    PPO anchors). ``ε_low = clip_eps``; ``ε_high = clip_eps_high`` or
     ``clip_eps`` (DAPO clip-higher: 0.2 / 0.28). Dual clip bounds the loss of a negative-advantage
     token whose ratio has exploded (veRL default c = 3); where any clip binds the gradient is 0.
 
@@ -528,8 +433,6 @@ def policy_loss(
         clip_eps: ε_low, > 0.
         clip_eps_high: ε_high; ``None`` → ``clip_eps``.
         dual_clip: c > 1, or ``None`` to disable.
-        aggregation: ``"token_mean"`` | ``"seq_mean_token_mean"`` | ``"seq_mean_token_sum_norm"``.
-        norm_len: constant length for ``"seq_mean_token_sum_norm"``.
 
     Returns:
         ``(loss, stats)``. ``stats`` holds detached 0-dim tensors (no host sync), token means over real
@@ -567,7 +470,7 @@ def policy_loss(
     else:
         dual_hit = torch.zeros_like(clip_hit)
 
-    loss = aggregate_loss(per_token, m, aggregation, norm_len)
+    loss = masked_mean(per_token, m)
 
     with torch.no_grad():
         ratio_d = ratio.detach()

@@ -11,12 +11,10 @@ from align.rl import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
-    aggregate_loss,
     clip_scores,
     compute_gae,
     entropy_from_logits,
     explained_variance,
-    group_advantages,
     kl_k1,
     kl_k2,
     kl_k3,
@@ -311,28 +309,6 @@ def test_policy_loss_token_mean_stats_and_gradient() -> None:
     close(logp.grad, [[0.0, -1.0 * 0.5 / 5, 2.0 * 1.1 / 5], [0.0, -3.0 * 1.0 / 5, 0.0]])
 
 
-def test_policy_loss_aggregations() -> None:
-    row_sums = [-1.2 - 0.5 + 2.2, 0.8 - 3.0]  # [0.5, -2.2]
-    loss, _ = policy_loss(_logp(), OLD, ADV, PMASK, aggregation="seq_mean_token_mean")
-    close(loss, (row_sums[0] / 3 + row_sums[1] / 2) / 2)  # (0.16667 − 1.1) / 2 = −0.46667
-    loss, _ = policy_loss(_logp(), OLD, ADV, PMASK, aggregation="seq_mean_token_sum_norm", norm_len=4)
-    close(loss, (row_sums[0] / 4 + row_sums[1] / 4) / 2)  # −0.2125
-    loss, _ = policy_loss(_logp(), OLD, ADV, PMASK, aggregation="seq_mean_token_sum_norm")
-    close(loss, (row_sums[0] / 3 + row_sums[1] / 3) / 2)  # norm_len defaults to T = 3
-    with pytest.raises(ValueError, match="unknown aggregation"):
-        policy_loss(_logp(), OLD, ADV, PMASK, aggregation="sum")  # type: ignore[arg-type]
-
-
-def test_aggregate_loss_direct_and_empty_rows() -> None:
-    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
-    close(aggregate_loss(loss, mask, "token_mean"), (1 + 2 + 4) / 3)
-    # The empty third row is excluded from the per-sequence mean …
-    close(aggregate_loss(loss, mask, "seq_mean_token_mean"), (1.5 + 4.0) / 2)
-    # … but counts in Dr.GRPO's constant normaliser B · L.
-    close(aggregate_loss(loss, mask, "seq_mean_token_sum_norm", norm_len=10), (3 + 4 + 0) / (3 * 10))
-
-
 def test_policy_loss_clip_higher() -> None:
     # ε_high = 0.6: ρ = 1.5 at A = 1 is no longer clipped, ℓ = −1.5 instead of −1.2. The low side
     # still clips ρ = 0.7 at A = −1 (0.8).
@@ -497,23 +473,8 @@ def test_explained_variance() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# GRPO advantages, score clipping, running moments
+# score clipping, running moments
 # --------------------------------------------------------------------------------------------------
-
-
-def test_group_advantages() -> None:
-    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
-    # Group 1: mean 2, centred [−1, 0, 1], unbiased std √((1 + 0 + 1)/2) = 1. Group 2: constant → 0.
-    close(group_advantages(rewards, 3, "group"), [-1 / 1.0001, 0.0, 1 / 1.0001, 0.0, 0.0, 0.0])
-    close(group_advantages(rewards, 3, "none"), [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
-    # Batch std: mean 3.5, squares 6.25 + 2.25 + 0.25 + 3·2.25 = 15.5, /5 = 3.1.
-    s = math.sqrt(3.1) + 1e-4
-    close(group_advantages(rewards, 3, "batch"), [-1 / s, 0.0, 1 / s, 0.0, 0.0, 0.0])
-    close(group_advantages(rewards, 1), torch.zeros(6))
-    with pytest.raises(ValueError):
-        group_advantages(rewards, 4)
-    with pytest.raises(ValueError):
-        group_advantages(rewards, 3, "median")  # type: ignore[arg-type]
 
 
 def test_clip_scores() -> None:
