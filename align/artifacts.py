@@ -1,9 +1,11 @@
-"""Run-directory layout and the manifest. Everything here is written aside and renamed into place,
-so an interrupted write never leaves a file or stage folder that looks finished."""
+"""Run-directory layout, the manifest, what a stage writes into (its context) and the schema of
+`metrics.jsonl`. Files here are written aside and renamed into place, so an interrupted write never
+leaves a file or stage folder that looks finished."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -16,13 +18,15 @@ RESOLVED_RECIPE = "recipe.yaml"
 RESULT = "result.json"
 METRICS = "metrics.jsonl"
 LOG = "log.txt"
+#: The stage's config as the orchestrator validated and resolved it (references and paths absolute).
+STAGE_CONFIG = "stage_config.json"
 
 PENDING, RUNNING, COMPLETE, FAILED = "pending", "running", "complete", "failed"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(_finite(payload), indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -100,12 +104,77 @@ def publish(run_dir: Path, stage_name: str) -> Path:
     return final
 
 
+# ------------------------------------------------------------------------------------------------
+# metrics.jsonl: one JSON object per line, each with `kind` and `step`
+# ------------------------------------------------------------------------------------------------
+
+#: A training-time scalar row: loss, reward, KL, learning rate, … at one logging step.
+TRAIN = "train"
+#: A held-out scalar row: eval loss, pairwise accuracy, PPO's held-out score, an eval stage's metrics.
+EVAL = "eval"
+#: One generated completion with its scores (`prompt`, `completion`, `rewards`: name → score).
+SAMPLE = "sample"
+#: The stage's final metrics, as the manifest holds them; the last row of every finished stage.
+SUMMARY = "summary"
+KINDS = (TRAIN, EVAL, SAMPLE, SUMMARY)
+
+
+def metric_kind(values: dict[str, Any], default: str = TRAIN) -> str:
+    """`eval` for a row of held-out figures (TRL prefixes them `eval_`), else `default`."""
+    return EVAL if any(key.startswith("eval_") for key in values) else default
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 class MetricsWriter:
-    """Append-only metrics.jsonl: one JSON object per logging event."""
+    """The one writer of a stage's metrics.jsonl: appends `{"kind": …, "step": …, **values}` rows."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def write(self, record: dict[str, Any]) -> None:
+    def log(self, kind: str, step: int, **values: Any) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown metrics kind {kind!r}; one of {', '.join(KINDS)}")
+        row = {"kind": kind, "step": int(step), **_finite(values)}
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
+            fh.write(json.dumps(row, default=float, allow_nan=False, ensure_ascii=False) + "\n")
+
+
+def read_metrics(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl (of one `kind` if given), each checked against the schema."""
+    rows: list[dict[str, Any]] = []
+    if not path.exists():
+        return rows
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row, dict) or row.get("kind") not in KINDS or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}:{line_no}: not a metrics row (needs 'kind' in {KINDS} and an integer 'step')")
+        if kind is None or row["kind"] == kind:
+            rows.append(row)
+    return rows
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run(config, ctx)` gets: where to write (its scratch folder), the recipe's
+    folder, its seed, and its metrics writer. Stages write nothing outside `out_dir`."""
+
+    run_dir: Path
+    out_dir: Path
+    base_dir: Path
+    seed: int
+    metrics: MetricsWriter
+
+    def artifact(self, relative: str) -> Path:
+        return self.out_dir / relative

@@ -14,6 +14,7 @@ EXIT_USER_ERROR = 2
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="The alignment pipeline from one YAML recipe.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors (also: ALIGN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="validate a recipe, then run its stages (skipping finished ones)")
@@ -54,7 +55,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
     from align.recipe.validate import load_recipe
-    from align.runner import render_report, run_recipe
+    from align.runner import StageFailed, render_report, run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print_config:
@@ -67,7 +68,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\n[align] interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except Exception:
+    except StageFailed as err:  # already reported, with the log's tail and path
+        print(f"align: {err}; fix it and run the same command again to resume", file=sys.stderr)
         return 1
     print("\n" + render_report(manifest))
     return 0
@@ -126,17 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     from align.recipe.errors import RecipeError
 
     args = _parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("ALIGN_DEBUG"))
     logging.basicConfig(level=os.environ.get("ALIGN_LOG_LEVEL", "INFO"), format="%(message)s")
     try:
         return COMMANDS[args.command](args)
     except RecipeError as err:
         print(err.render(), file=sys.stderr)
         return EXIT_USER_ERROR
-    except ValueError as err:  # bad overrides, unknown rules in `rewards try`: user errors, not crashes
-        if os.environ.get("ALIGN_DEBUG"):
+    except (ValueError, OSError) as err:  # bad overrides, unknown rules, unwritable run dirs: the user's to fix
+        if debug:
             raise
         print(f"align: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as err:  # a bug or an unforeseen failure: say what it was, the traceback on request
+        if debug:
+            raise
+        print(f"align: {type(err).__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from align.paths import resolve_user_path
 from align.recipe.schema import DataSpec
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -23,8 +24,6 @@ def _is_local(path: str) -> bool:
 
 
 def _local_path(spec: DataSpec, base_dir: Path) -> Path:
-    from align.recipe.validate import resolve_user_path
-
     path = resolve_user_path(spec.path, base_dir)
     if not path.exists():
         raise DataError(f"dataset file not found: {spec.path}")
@@ -83,6 +82,24 @@ def _embedded_maker(path: str) -> Callable[..., Any] | None:
     return None
 
 
+def spec_problems(spec: DataSpec, base_dir: Path | None) -> list[tuple[tuple[str, ...], str]]:
+    """What is wrong with a dataset spec itself, as (key path inside the spec, message): an embedded
+    task has no natural size, and a single local file has only one split. `base_dir` None: the
+    file system is not consulted."""
+    problems: list[tuple[tuple[str, ...], str]] = []
+    if _embedded_maker(spec.path) is not None:
+        if spec.num_examples is None:
+            problems.append((("num_examples",), f"embedded dataset '{spec.path}' is generated: say how many rows "
+                             "with num_examples"))
+    elif "split" in spec.model_fields_set and spec.split != "train" and base_dir is not None and _is_local(spec.path):
+        path = resolve_user_path(spec.path, base_dir)
+        if path.is_file():
+            problems.append((("split",), f"'{spec.path}' is one file, so it has one split; point `path` at the "
+                             f"file that holds the '{spec.split}' rows (split selects a split of hub datasets and "
+                             "of save_to_disk folders with several splits)"))
+    return problems
+
+
 def probe_columns(spec: DataSpec, base_dir: Path) -> set[str] | None:
     """Column names of the dataset, or None for hub datasets (unknown before download)."""
     make = _embedded_maker(spec.path)
@@ -95,11 +112,12 @@ def probe_columns(spec: DataSpec, base_dir: Path) -> set[str] | None:
         return None
     path = _local_path(spec, base_dir)
     if path.is_dir():
-        return set(_load_dir(path).column_names)
+        return set(_load_dir(path, spec.split).column_names)
     return _first_rows_columns(path)
 
 
-def _load_dir(path: Path) -> Any:
+def _load_dir(path: Path, split: str) -> Any:
+    """A `save_to_disk` folder: one dataset, or the `split` of a DatasetDict."""
     import datasets
 
     try:
@@ -107,7 +125,9 @@ def _load_dir(path: Path) -> Any:
     except FileNotFoundError:
         raise DataError(f"{path} is a folder but not a `save_to_disk` dataset") from None
     if isinstance(loaded, datasets.DatasetDict):
-        raise DataError(f"{path} holds several splits ({', '.join(loaded)}); point at one split's folder")
+        if split not in loaded:
+            raise DataError(f"{path} has no split '{split}'; it has: {', '.join(loaded)}")
+        return loaded[split]
     return loaded
 
 
@@ -117,11 +137,13 @@ def load_dataset(spec: DataSpec, base_dir: Path, seed: int = 0) -> Any:
 
     make = _embedded_maker(spec.path)
     if make is not None:
-        dataset = make(spec.path, spec.split, spec.num_examples or 1000, seed=seed, **spec.params)
+        if spec.num_examples is None:
+            raise DataError(f"embedded dataset '{spec.path}' needs num_examples (how many rows to generate)")
+        dataset = make(spec.path, spec.split, spec.num_examples, seed=seed, **spec.params)
     elif _is_local(spec.path):
         path = _local_path(spec, base_dir)
         if path.is_dir():
-            dataset = _load_dir(path)
+            dataset = _load_dir(path, spec.split)
         else:
             builder = FILE_BUILDERS[path.suffix.lower()]
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -152,11 +174,18 @@ def message_text(value: Any) -> str:
     return str(value)
 
 
+def with_system_prompt(prompt: Any, system_prompt: str | None) -> Any:
+    """Prepend a system message to a conversational prompt that has none."""
+    if system_prompt is None or isinstance(prompt, str):
+        return prompt
+    if prompt and prompt[0].get("role") == "system":
+        return prompt
+    return [{"role": "system", "content": system_prompt}, *prompt]
+
+
 def chat_prompt(prompt: Any, system_prompt: str | None = None, conversational: bool = True) -> Any:
     """A dataset prompt as the model should see it: plain strings become a user message when
     `conversational` (so the chat template applies), and the system prompt is prepended if missing."""
-    from align.generation import with_system_prompt
-
     if isinstance(prompt, str) and conversational:
         prompt = [{"role": "user", "content": prompt}]
     return with_system_prompt(prompt, system_prompt)

@@ -1,11 +1,16 @@
-"""Batched sampling shared by eval, rejection sampling, distillation and PPO rollouts: prompts are
-rendered with the chat template, left-padded, and generated many at a time with the KV cache."""
+"""THE sampler, shared by eval, rejection sampling, distillation traces and PPO rollouts: prompts are
+rendered with the chat template, left-padded, and generated many at a time with the KV cache (HF
+`generate`), or handed to vLLM. `load_sampler` builds one from a model spec and the shared sampling
+settings (`SamplingKnobs`); PPO, which samples from the policy it trains, calls `generate_rollout`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from align.models import device, load_causal_lm, load_tokenizer, resolve_model_path
+from align.recipe.schema import ModelSpec, SamplingKnobs
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -18,15 +23,6 @@ class Sample:
     text: str
     token_ids: list[int]
     finished: bool  # ended with EOS rather than hitting max_new_tokens
-
-
-def with_system_prompt(prompt: Prompt, system_prompt: str | None) -> Prompt:
-    """Prepend a system message to a conversational prompt that has none."""
-    if system_prompt is None or isinstance(prompt, str):
-        return prompt
-    if prompt and prompt[0].get("role") == "system":
-        return prompt
-    return [{"role": "system", "content": system_prompt}, *prompt]
 
 
 def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
@@ -110,6 +106,37 @@ def generate_tensors(
     return Rollout(query_ids.to(device), query_mask.to(device), response, response_mask, is_eos.any(dim=1))
 
 
+def generate_rollout(
+    model: Any,
+    queries: Sequence[Sequence[int]],
+    *,
+    chunk_size: int,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float = 0.0,
+) -> Rollout:
+    """`generate_tensors` over prompt token lists in chunks of `chunk_size`, in order, as one batch:
+    queries left-padded and responses right-padded to common widths."""
+    import torch
+    from torch.nn.functional import pad
+
+    chunks = []
+    for start in range(0, len(queries), chunk_size):
+        ids, attention = left_pad(queries[start : start + chunk_size], pad_id)
+        chunks.append(generate_tensors(model, ids, attention, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                       pad_id=pad_id, temperature=temperature))  # fmt: skip
+    query_width = max(c.query_ids.shape[1] for c in chunks)
+    response_width = max(c.response_ids.shape[1] for c in chunks)
+    return Rollout(
+        torch.cat([pad(c.query_ids, (query_width - c.query_ids.shape[1], 0), value=pad_id) for c in chunks]),
+        torch.cat([pad(c.query_mask, (query_width - c.query_mask.shape[1], 0)) for c in chunks]),
+        torch.cat([pad(c.response_ids, (0, response_width - c.response_ids.shape[1]), value=pad_id) for c in chunks]),
+        torch.cat([pad(c.response_mask, (0, response_width - c.response_mask.shape[1])) for c in chunks]),
+        torch.cat([c.finished for c in chunks]),
+    )
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -179,14 +206,8 @@ def _to_sample(ids: list[int], eos_ids: list[int], pad_id: int, tokenizer: Any) 
 
 # ------------------------------------------------------------------------------------------------
 # vLLM (optional): the same `list[list[Sample]]` contract as `generate`, for stages that sample a lot
-# (rejection sampling, distillation traces) on GPUs. Kept separate so the HF path never imports it.
+# (eval, rejection sampling, distillation traces) on GPUs. Kept separate so the HF path never imports it.
 # ------------------------------------------------------------------------------------------------
-
-
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 def load_vllm(
@@ -252,32 +273,36 @@ def generate_vllm(
     ]
 
 
-Sampler = Callable[..., list[list[Sample]]]
+class Sampler:
+    """One loaded model (HF or vLLM) and the stage's sampling settings:
+    `sampler(prompts, num_samples=n, seed=s)` → `num_samples` samples per prompt, in order."""
+
+    def __init__(self, tokenizer: Any, knobs: SamplingKnobs, *, model: Any = None, llm: Any = None) -> None:
+        assert (model is None) != (llm is None), "a sampler runs on an HF model or a vLLM engine"
+        self.tokenizer = tokenizer
+        self.knobs = knobs
+        self.model = model
+        self.llm = llm
+
+    def __call__(self, prompts: Sequence[Prompt], *, num_samples: int = 1, seed: int | None = None) -> list[list[Sample]]:
+        knobs = self.knobs
+        if self.llm is not None:
+            return generate_vllm(self.llm, self.tokenizer, prompts, num_samples=num_samples,
+                                 max_new_tokens=knobs.max_completion_length, temperature=knobs.temperature,
+                                 top_p=knobs.top_p, top_k=knobs.top_k, seed=seed)  # fmt: skip
+        return generate(self.model, self.tokenizer, prompts, num_samples=num_samples,
+                        max_new_tokens=knobs.max_completion_length, temperature=knobs.temperature, top_p=knobs.top_p,
+                        top_k=knobs.top_k, batch_size=knobs.generation_batch_size, seed=seed)  # fmt: skip
 
 
-def make_sampler(
-    model_path: str,
-    tokenizer: Any,
-    *,
-    use_vllm: bool = False,
-    seed: int = 0,
-    vllm_kwargs: dict[str, Any] | None = None,
-    load_model: Callable[[], Any] | None = None,
-) -> Sampler:
-    """A `prompts → list[list[Sample]]` function over one loaded model, HF or vLLM, so a stage that
-    samples in chunks loads the model once. Call it with `generate`'s keyword arguments (vLLM ignores
-    `batch_size`: it schedules its own batches)."""
-    if use_vllm:
-        llm = load_vllm(model_path, seed=seed, **(vllm_kwargs or {}))
-
-        def vllm_sampler(prompts: Sequence[Prompt], *, batch_size: int = 0, **kwargs: Any) -> list[list[Sample]]:
-            return generate_vllm(llm, tokenizer, prompts, **kwargs)
-
-        return vllm_sampler
-    assert load_model is not None, "the HF path needs a model loader"
-    model = load_model()
-
-    def hf_sampler(prompts: Sequence[Prompt], **kwargs: Any) -> list[list[Sample]]:
-        return generate(model, tokenizer, prompts, **kwargs)
-
-    return hf_sampler
+def load_sampler(spec: ModelSpec, knobs: SamplingKnobs, *, seed: int = 0) -> Sampler:
+    """A sampler over the model `spec` names: vLLM when `knobs.use_vllm`, else HF on this process's device."""
+    tokenizer = load_tokenizer(spec, padding_side="left")
+    if knobs.use_vllm:
+        llm = load_vllm(
+            resolve_model_path(spec.name_or_path), tokenizer_path=spec.tokenizer, seed=seed, dtype=spec.dtype,
+            gpu_memory_utilization=knobs.vllm_gpu_memory_utilization, tensor_parallel_size=knobs.vllm_tensor_parallel_size,
+            max_model_len=knobs.vllm_max_model_length, trust_remote_code=spec.trust_remote_code,
+        )  # fmt: skip
+        return Sampler(tokenizer, knobs, llm=llm)
+    return Sampler(tokenizer, knobs, model=load_causal_lm(spec).to(device()))

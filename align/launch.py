@@ -1,4 +1,6 @@
-"""Starting a stage: in this process, in a fresh Python, or under `accelerate launch`."""
+"""Starting a prepared stage: in this process, in a fresh Python, or under `accelerate launch`. The
+stage's scratch folder already holds its resolved config (`align.execute.write_stage_config`); every
+launcher runs the same `align.execute` on it. Never imports the runner."""
 
 from __future__ import annotations
 
@@ -6,15 +8,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
+from align.execute import execute_stage, rank_errors
+from align.paths import resolve_user_path
 from align.recipe.errors import KeyPath
-from align.recipe.schema import LauncherSpec, StageConfig
+from align.recipe.schema import LauncherSpec
+
+
+class StageProcessError(RuntimeError):
+    """A stage process (or one of its ranks) exited with an error; the message is the ranks' own."""
 
 
 def launcher_problems(spec: LauncherSpec, base_dir: Path) -> list[tuple[KeyPath, str]]:
-    from align.recipe.validate import resolve_user_path
-
     problems: list[tuple[KeyPath, str]] = []
     if spec.type != "accelerate":
         for key in ("config_file", "num_processes", "main_process_port"):
@@ -38,17 +43,13 @@ def launcher_problems(spec: LauncherSpec, base_dir: Path) -> list[tuple[KeyPath,
     return problems
 
 
-def stage_command(config: StageConfig, run_dir: Path, base_dir: Path) -> list[str]:
-    spec = config.launcher or LauncherSpec()
-    tail = ["-m", "align.stage_main", "--run-dir", str(run_dir.resolve()), "--stage", config.name,
-            "--base-dir", str(base_dir.resolve())]
+def stage_command(spec: LauncherSpec, stage_dir: Path, base_dir: Path) -> list[str]:
+    tail = ["-m", "align.execute", str(stage_dir.resolve())]
     if spec.type == "subprocess":
         return [sys.executable, *tail]
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if spec.config_file:
-        from align.recipe.validate import resolve_user_path
-
-        command += ["--config_file", str(resolve_user_path(spec.config_file, base_dir))]
+        command += ["--config_file", str(resolve_user_path(spec.config_file, base_dir).resolve())]
     if spec.num_processes:
         command += ["--num_processes", str(spec.num_processes)]
     if spec.main_process_port:
@@ -56,16 +57,16 @@ def stage_command(config: StageConfig, run_dir: Path, base_dir: Path) -> list[st
     return [*command, *spec.extra_args, *tail]
 
 
-def launch_stage(config: StageConfig, run_dir: Path, base_dir: Path) -> Any:
-    spec = config.launcher or LauncherSpec()
+def launch_stage(spec: LauncherSpec, stage_dir: Path, base_dir: Path) -> None:
+    """Run the stage prepared in `stage_dir`; raise if it (or any of its ranks) failed."""
     if spec.type == "inprocess":
-        from align.runner import execute_stage
-
-        return execute_stage(config, run_dir, base_dir)
+        execute_stage(stage_dir)
+        return
     env = dict(os.environ)
     # Several ranks on few cores oversubscribe OpenMP badly (10–20× slower); one thread each unless told.
     env.setdefault("OMP_NUM_THREADS", "1")
-    completed = subprocess.run(stage_command(config, run_dir, base_dir), env=env, check=False)
+    completed = subprocess.run(stage_command(spec, stage_dir, base_dir), env=env, check=False)
     if completed.returncode != 0:
-        raise RuntimeError(f"stage process exited with status {completed.returncode}")
-    return None
+        reported = rank_errors(stage_dir)
+        detail = "; ".join(reported) if reported else "it left no error message (see its log)"
+        raise StageProcessError(f"stage process exited with status {completed.returncode}: {detail}")

@@ -1,12 +1,20 @@
 """Model and tokenizer loading shared by every stage: embedded names, local folders, hub ids, PEFT
-adapters; device and dtype decisions; LoRA configs; saving loadable checkpoints."""
+adapters; device and dtype decisions; LoRA/QLoRA; saving loadable checkpoints.
+
+`load_trainable` is the one way a stage gets a model to train (full, LoRA or QLoRA, causal LM or
+sequence classifier); `load_causal_lm` / `load_sequence_classifier` load frozen ones (references,
+reward models, teachers, samplers)."""
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from align.embedded import EMBEDDED_MODELS, embedded_model_path, is_embedded
+from align.paths import resolve_user_path
 from align.recipe.schema import LoraSpec, ModelSpec
 
 if TYPE_CHECKING:
@@ -18,9 +26,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 def model_spec_problem(spec: ModelSpec, base_dir: Path) -> str | None:
     """Why a model spec cannot be loaded, judged without the network; None when it looks loadable."""
-    from align.embedded import EMBEDDED_MODELS, is_embedded
-    from align.recipe.validate import resolve_user_path
-
     name = spec.name_or_path
     if is_embedded(name):
         if name not in EMBEDDED_MODELS:
@@ -42,9 +47,6 @@ def model_spec_problem(spec: ModelSpec, base_dir: Path) -> str | None:
 
 def resolve_model_path(name_or_path: str, base_dir: Path | None = None) -> str:
     """Embedded names become their built folder; local paths are made absolute; hub ids pass through."""
-    from align.embedded import embedded_model_path, is_embedded
-    from align.recipe.validate import resolve_user_path
-
     if is_embedded(name_or_path):
         return str(embedded_model_path(name_or_path))
     path = resolve_user_path(name_or_path, base_dir or Path.cwd())
@@ -52,9 +54,14 @@ def resolve_model_path(name_or_path: str, base_dir: Path | None = None) -> str:
 
 
 def device() -> str:
+    """This process's device: its own GPU under a multi-process launcher (LOCAL_RANK), else the CPU."""
+    import os
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
 def use_bf16(requested: bool | None) -> bool:
@@ -149,6 +156,51 @@ def peft_config(lora: LoraSpec, task_type: str = "CAUSAL_LM") -> Any:
     )
 
 
+@dataclass
+class Trainable:
+    """A model ready to train and, for a LoRA run that a TRL trainer wraps itself, the PEFT config to
+    hand it (`peft_config=`); None for a full fine-tune or a model that is already a `PeftModel`."""
+
+    model: Any
+    peft_config: Any = None
+
+
+def load_trainable(
+    spec: ModelSpec,
+    lora: LoraSpec | None = None,
+    *,
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm",
+    wrap_lora: bool = False,
+    gradient_checkpointing: bool = False,
+) -> Trainable:
+    """The one loader for a model a stage trains: full, LoRA or QLoRA (`lora.load_in_4bit`: the frozen
+    base quantised to 4 bit and prepared for k-bit training), causal LM or sequence classifier (new
+    scalar head for reward and value models).
+
+    With `wrap_lora` (a loop of align's own, not a TRL trainer) the adapter is applied here and
+    `gradient_checkpointing` switched on here; a TRL trainer does both itself from its config."""
+    quantization = quantization_config(lora)
+    if task == "causal_lm":
+        model = load_causal_lm(spec, quantization=quantization)
+    else:
+        model = load_sequence_classifier(spec, quantization=quantization)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing or not wrap_lora)
+    elif wrap_lora and gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    config = peft_config(lora, task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS") if lora else None
+    if not wrap_lora or config is None:
+        return Trainable(model, config)
+    from peft import get_peft_model
+
+    model = get_peft_model(model, config)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    return Trainable(model)
+
+
 def quantization_config(lora: LoraSpec | None) -> Any:
     if lora is None or not lora.load_in_4bit:
         return None
@@ -172,7 +224,9 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path, *, merge: bool = False
     tokenizer.save_pretrained(str(out_dir))
 
 
-def load_sequence_classifier(spec: ModelSpec, path: str | None = None, *, num_labels: int = 1) -> PreTrainedModel:
+def load_sequence_classifier(
+    spec: ModelSpec, path: str | None = None, *, num_labels: int = 1, quantization: Any = None
+) -> PreTrainedModel:
     """A sequence-classification model (reward or value model) from any checkpoint: a reward model,
     a causal LM (the head is new), or a PEFT adapter of either (merged). `pad_token_id` is always set,
     because the head pools at the last non-pad token and cannot find it without one."""
@@ -180,9 +234,9 @@ def load_sequence_classifier(spec: ModelSpec, path: str | None = None, *, num_la
 
     source = path or resolve_model_path(spec.name_or_path)
     kwargs = model_init_kwargs(spec)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     if is_adapter(source):
-        import json
-
         task = json.loads(Path(source, "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
         if task == "SEQ_CLS":
             from peft import AutoPeftModelForSequenceClassification
@@ -211,53 +265,6 @@ def load_sequence_classifier(spec: ModelSpec, path: str | None = None, *, num_la
     return model
 
 
-def score_with_reward_model(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[Any],
-    completions: list[str],
-    *,
-    batch_size: int = 32,
-    max_length: int | None = None,
-) -> list[float]:
-    """Scalar scores of a sequence-classification reward model for prompt + completion texts.
-
-    Conversational prompts are rendered with the reward model's chat template as
-    `[*prompt, {"role": "assistant", "content": completion}]` — the way TRL's RewardTrainer tokenised
-    its training pairs, so the scores mean what they meant in training; plain-string prompts are
-    concatenated with the completion and EOS. Shared by rejection sampling and PPO.
-    """
-    import torch
-
-    if not prompts:
-        return []
-    if isinstance(prompts[0], str):
-        eos = tokenizer.eos_token or ""
-        rendered = [p + t + (eos if not t.endswith(eos) else "") for p, t in zip(prompts, completions, strict=True)]
-        special = True
-    else:
-        rendered = [
-            tokenizer.apply_chat_template([*p, {"role": "assistant", "content": t}], tokenize=False)
-            for p, t in zip(prompts, completions, strict=True)
-        ]
-        special = False
-    target = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    scores: list[float] = []
-    try:
-        for start in range(0, len(rendered), batch_size):
-            enc = tokenizer(
-                rendered[start : start + batch_size], add_special_tokens=special, padding=True,
-                truncation=max_length is not None, max_length=max_length, return_tensors="pt",
-            ).to(target)
-            with torch.no_grad():
-                scores.extend(model(**enc, use_cache=False).logits[:, 0].float().cpu().tolist())
-    finally:
-        model.train(was_training)
-    return scores
-
-
 def checkpoint_parameter_count(path: str) -> int | None:
     """Parameters of a local full checkpoint, read from its safetensors headers without loading any
     weights (a teacher used only through its traces need not be loaded to be measured). None for hub
@@ -275,31 +282,3 @@ def checkpoint_parameter_count(path: str) -> int | None:
         with safe_open(str(file), framework="pt") as handle:
             total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
     return total
-
-
-_reward_models: dict[str, tuple[Any, Any]] = {}
-
-
-def reward_model_reward(
-    completions: list[Any], *, model: str, batch_size: int = 32, max_length: int | None = None, **kwargs: Any
-) -> list[float]:
-    """A reward model as a rule reward, so GRPO (which takes rules) can use one: the scalar score of
-    the sequence-classification checkpoint `model` (e.g. `${stages.rm.model}`) for prompt + completion.
-    In a recipe: `{rule: "align.models:reward_model_reward", params: {model: ${stages.rm.model}}}`.
-    The model is loaded once per process, onto this process's GPU when there is one."""
-    import torch
-
-    from align.data import message_text
-    from align.recipe.schema import ModelSpec
-
-    prompts = kwargs.get("prompts")
-    if prompts is None:
-        raise ValueError("reward_model_reward needs the prompts (TRL passes them as `prompts`)")
-    if model not in _reward_models:
-        spec = ModelSpec(name_or_path=model)
-        target = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        scorer = load_sequence_classifier(spec).requires_grad_(False).eval().to(target)
-        _reward_models[model] = (scorer, load_tokenizer(spec, padding_side="right"))
-    scorer, tokenizer = _reward_models[model]
-    texts = [message_text(c) for c in completions]
-    return score_with_reward_model(scorer, tokenizer, list(prompts), texts, batch_size=batch_size, max_length=max_length)

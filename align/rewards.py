@@ -24,24 +24,35 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from align.paths import RULE_FILE, resolve_user_path
+
+if TYPE_CHECKING:
+    from align.recipe.schema import ModelSpec, RewardSpec
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "REQUIRED",
+    "REWARD_MODEL",
     "TRL_KWARGS",
     "BoundRule",
+    "RewardModelReward",
+    "RewardTerm",
     "RuleResolutionError",
     "RuleSignature",
     "RuleStats",
+    "Scorer",
+    "Scores",
     "bind_rule",
     "check_rule_params",
     "coerce_params",
     "describe_rules",
-    "parse_param_args",
     "resolve_rule",
     "rule_signature",
+    "score_with_reward_model",
     "try_rule",
+    "weighted_total",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,7 +76,6 @@ class RuleResolutionError(ValueError):
 # Resolving
 # --------------------------------------------------------------------------------------------
 
-_FILE_SPEC = re.compile(r"^(?P<path>.+?\.py)(?::(?P<attr>[A-Za-z_][\w.]*))?$")
 _file_modules: dict[tuple[str, int], Any] = {}
 _file_lock = threading.Lock()
 
@@ -97,13 +107,11 @@ def _get_attr_path(obj: Any, attr_path: str, where: str) -> Any:
 
 
 def _load_file(path_text: str, base_dir: Path | None) -> Any:
-    path = Path(path_text).expanduser()
-    if not path.is_absolute():
-        path = (base_dir or Path.cwd()) / path
-    path = path.resolve()
+    path = resolve_user_path(path_text, base_dir or Path.cwd()).resolve()
     if not path.is_file():
         raise RuleResolutionError(
-            f"rule file {str(path)!r} does not exist (relative paths start at the recipe's folder)"
+            f"rule file {path_text!r} does not exist (a relative path is looked up from the current "
+            "directory, then beside the recipe)"
         )
     key = (str(path), path.stat().st_mtime_ns)
     with _file_lock:
@@ -196,7 +204,7 @@ def resolve_rule(spec: str, base_dir: Path | None = None) -> RewardFunction:
     if spec in builtin:
         return builtin[spec]
 
-    file_match = _FILE_SPEC.match(spec)
+    file_match = RULE_FILE.match(spec)
     if file_match:
         if not file_match.group("attr"):
             raise RuleResolutionError(f"rule {spec!r}: name the function too, as 'path/to/file.py:function'")
@@ -378,17 +386,6 @@ def coerce_params(fn: Callable[..., Any], params: Mapping[str, Any]) -> dict[str
                     value = parsed
         coerced[key] = value
     return coerced
-
-
-def parse_param_args(items: Sequence[str]) -> dict[str, str]:
-    """``["k=v", "x=1"]`` (``--param`` options) → ``{"k": "v", "x": "1"}``; raises ValueError on bad items."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--param expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = value
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,6 +595,175 @@ def bind_rule(
     Parameters are not checked here; run ``check_rule_params`` first.
     """
     return BoundRule(fn, params, name, timeout_s)
+
+
+# --------------------------------------------------------------------------------------------
+# The scorer: rules and an optional reward model, weighted (grpo, ppo, rejection_sampling)
+# --------------------------------------------------------------------------------------------
+
+#: The name a reward model's score is logged, weighted and thresholded under.
+REWARD_MODEL = "reward_model"
+
+
+def score_with_reward_model(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Any],
+    completions: list[str],
+    *,
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> list[float]:
+    """Scalar scores of a sequence-classification reward model for prompt + completion texts.
+
+    Conversational prompts are rendered with the reward model's chat template as
+    `[*prompt, {"role": "assistant", "content": completion}]` — the way TRL's RewardTrainer tokenised
+    its training pairs, so the scores mean what they meant in training; plain-string prompts are
+    concatenated with the completion and EOS.
+    """
+    import torch
+
+    if not prompts:
+        return []
+    if isinstance(prompts[0], str):
+        eos = tokenizer.eos_token or ""
+        rendered = [p + t + (eos if not t.endswith(eos) else "") for p, t in zip(prompts, completions, strict=True)]
+        special = True
+    else:
+        rendered = [
+            tokenizer.apply_chat_template([*p, {"role": "assistant", "content": t}], tokenize=False)
+            for p, t in zip(prompts, completions, strict=True)
+        ]
+        special = False
+    target = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores: list[float] = []
+    try:
+        for start in range(0, len(rendered), batch_size):
+            enc = tokenizer(
+                rendered[start : start + batch_size], add_special_tokens=special, padding=True,
+                truncation=max_length is not None, max_length=max_length, return_tensors="pt",
+            ).to(target)
+            with torch.no_grad():
+                scores.extend(model(**enc, use_cache=False).logits[:, 0].float().cpu().tolist())
+    finally:
+        model.train(was_training)
+    return scores
+
+
+class RewardModelReward:
+    """A frozen sequence-classification reward model as a reward function with TRL's signature:
+    the scalar score of prompt + completion, rendered as the `reward_model` stage trained it."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, max_length: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.__name__ = REWARD_MODEL
+        self.failures = 0  # a model either scores or raises: it has no per-sample failures
+
+    @classmethod
+    def load(cls, spec: ModelSpec, *, batch_size: int = 32) -> RewardModelReward:
+        """Load onto this process's device, frozen, with a right-padding tokenizer."""
+        from align.models import device, load_sequence_classifier, load_tokenizer
+
+        model = load_sequence_classifier(spec).requires_grad_(False).eval().to(device())
+        return cls(model, load_tokenizer(spec, padding_side="right"), batch_size=batch_size)
+
+    def __call__(self, completions: Sequence[Any], *, prompts: Sequence[Any] | None = None, **kwargs: Any) -> list[float]:
+        from align.data import message_text
+
+        if prompts is None:
+            raise ValueError("a reward model scores prompt + completion, so it needs `prompts`")
+        texts = [message_text(c) for c in completions]
+        return score_with_reward_model(self.model, self.tokenizer, list(prompts), texts, batch_size=self.batch_size,
+                                       max_length=self.max_length)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    """One weighted part of a score: a bound rule or a reward model."""
+
+    name: str
+    weight: float
+    fn: Any  # BoundRule | RewardModelReward: TRL's reward-function signature, with `__name__` = name
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Scores of a batch: the weighted total per sample, and each term's own score (None: no score)."""
+
+    total: list[float]
+    parts: dict[str, list[float | None]]
+
+
+class Scorer:
+    """Rule rewards and an optional reward model summed with weights: Σ weightᵢ·scoreᵢ, where a term
+    that scores None for a sample adds nothing to it (as in TRL's GRPO). Used as is by ppo and
+    rejection_sampling; grpo hands `functions` and `weights` to TRL, which sums the same way."""
+
+    def __init__(self, terms: Sequence[RewardTerm]) -> None:
+        self.terms = list(terms)
+
+    @classmethod
+    def build(
+        cls,
+        rewards: Sequence[RewardSpec],
+        reward_model: ModelSpec | None = None,
+        reward_model_weight: float = 1.0,
+        *,
+        base_dir: Path | None = None,
+        reward_model_batch_size: int = 32,
+    ) -> Scorer:
+        terms = [
+            RewardTerm(spec.display_name, spec.weight,
+                       bind_rule(resolve_rule(spec.rule, base_dir), spec.params, spec.display_name, timeout_s=spec.timeout_s))
+            for spec in rewards
+        ]  # fmt: skip
+        if reward_model is not None:
+            model = RewardModelReward.load(reward_model, batch_size=reward_model_batch_size)
+            terms.append(RewardTerm(REWARD_MODEL, reward_model_weight, model))
+        return cls(terms)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.terms]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {t.name: t.weight for t in self.terms}
+
+    @property
+    def functions(self) -> list[Any]:
+        """The terms as TRL reward functions, in order (weights: `[t.weight for t in terms]`)."""
+        return [t.fn for t in self.terms]
+
+    def __call__(self, prompts: Sequence[Any], texts: Sequence[str], *, completion_ids: Sequence[Sequence[int]],
+                 columns: Mapping[str, Sequence[Any]]) -> Scores:  # fmt: skip
+        """Score generated `texts` for `prompts` (one call per term for the whole batch: rules and
+        reward models are far cheaper on big batches). Conversational prompts get their completions
+        as assistant messages, as TRL passes them."""
+        conversational = bool(prompts) and not isinstance(prompts[0], str)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
+        parts = {
+            t.name: list(t.fn(completions, prompts=list(prompts), completion_ids=list(completion_ids), **columns))
+            for t in self.terms
+        }
+        return Scores([weighted_total({n: v[i] for n, v in parts.items()}, self.weights) for i in range(len(texts))], parts)
+
+    def failures(self) -> dict[str, int]:
+        """Samples each rule scored None because it failed on them (raised, timed out, bad output)."""
+        return {t.name: t.fn.failures for t in self.terms}
+
+    def last_errors(self) -> dict[str, str]:
+        return {t.name: t.fn.stats.last_error for t in self.terms if isinstance(t.fn, BoundRule) and t.fn.stats.last_error}
+
+
+def weighted_total(scores: Mapping[str, float | None], weights: Mapping[str, float]) -> float:
+    """Σ weight·score over the terms that scored (None adds nothing, as in GRPO's weighted sum)."""
+    return sum(weights.get(name, 0.0) * value for name, value in scores.items() if value is not None)
 
 
 # --------------------------------------------------------------------------------------------

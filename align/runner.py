@@ -1,16 +1,14 @@
-"""Plan and run a recipe: fingerprint each stage, skip what is complete and unchanged, launch the rest
-one after another, and keep the manifest true at every moment."""
+"""Plan and run a recipe: fingerprint each stage over the graph of references, skip what is complete
+and unchanged, prepare and launch the rest one after another, and keep the manifest true at every
+moment. The orchestrator never holds a model."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import shutil
-import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,28 +16,30 @@ from typing import Any
 
 import yaml
 
+import align
 from align import artifacts as art
-from align.recipe.schema import REFERENCE, StageConfig
-from align.recipe.validate import Recipe, resolve_user_path
+from align.execute import rank_errors, write_stage_config
+from align.launch import launch_stage
+from align.paths import absolute_if_local, absolute_rule, resolve_user_path
+from align.recipe.schema import (
+    REFERENCE,
+    REFERENCE_ANYWHERE,
+    DataSpec,
+    LauncherSpec,
+    ModelSpec,
+    StageConfig,
+    walk_specs,
+)
+from align.recipe.validate import Recipe
 
 logger = logging.getLogger("align")
 
-#: Keys whose string values may name local files or folders; their contents go into the fingerprint.
-_PATH_KEYS = {"path", "name_or_path", "tokenizer", "rule"}
+#: Lines of a failed stage's log shown on the console.
+LOG_TAIL_LINES = 12
 
 
-@dataclass
-class StageContext:
-    """What a stage's `run()` gets: where to write, where to read, and how to log."""
-
-    run_dir: Path
-    out_dir: Path
-    base_dir: Path
-    seed: int
-    metrics: art.MetricsWriter
-
-    def artifact(self, relative: str) -> Path:
-        return self.out_dir / relative
+class StageFailed(RuntimeError):
+    """A stage failed; the manifest, its log and the console say why."""
 
 
 @dataclass
@@ -48,6 +48,7 @@ class PlannedStage:
     fingerprint: str
     run: bool
     reason: str
+    depends_on: tuple[str, ...]
 
 
 def effective_config(recipe: Recipe, stage: StageConfig) -> StageConfig:
@@ -62,6 +63,40 @@ def effective_config(recipe: Recipe, stage: StageConfig) -> StageConfig:
     return stage.model_copy(update=updates)
 
 
+# ------------------------------------------------------------------------------------------------
+# fingerprints
+# ------------------------------------------------------------------------------------------------
+
+
+def referenced_stages(config: StageConfig) -> tuple[str, ...]:
+    """Names of the stages whose artifacts this stage reads (`${stages.NAME.ARTIFACT}` anywhere)."""
+    found = REFERENCE_ANYWHERE.findall(json.dumps(config.model_dump(mode="json")))
+    names = {match.group(1) for text in found if (match := REFERENCE.match(text))}
+    return tuple(sorted(names))
+
+
+def local_inputs(config: StageConfig, base_dir: Path) -> list[Path]:
+    """Files and folders on disk that the stage reads: datasets, model and tokenizer folders, chat
+    template files, rule files (embedded names, hub ids and references are not on disk)."""
+    candidates: list[str] = []
+    for _, spec in walk_specs(config):
+        if isinstance(spec, ModelSpec):
+            candidates += [spec.name_or_path, spec.tokenizer or ""]
+            if spec.chat_template and "{" not in spec.chat_template:
+                candidates.append(spec.chat_template)
+        elif isinstance(spec, DataSpec):
+            candidates.append(spec.path)
+        else:
+            candidates.append(absolute_rule(spec.rule, base_dir).rsplit(":", 1)[0])
+    paths = []
+    for value in candidates:
+        if value and not REFERENCE.match(value):
+            path = resolve_user_path(value, base_dir)
+            if path.exists():
+                paths.append(path)
+    return paths
+
+
 def _digest_path(path: Path, digest: Any) -> None:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
@@ -73,113 +108,108 @@ def _digest_path(path: Path, digest: Any) -> None:
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
 
 
-def _local_inputs(value: Any, base_dir: Path, key: str = "") -> list[Path]:
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _local_inputs(v, base_dir, k)]
-    if isinstance(value, list):
-        return [p for v in value for p in _local_inputs(v, base_dir, key)]
-    if isinstance(value, str) and key in _PATH_KEYS and not REFERENCE.match(value):
-        if key == "rule" and ".py:" in value:  # `path/to/rules.py:func`
-            value = value.rsplit(":", 1)[0]
-        path = resolve_user_path(value, base_dir)
-        return [path] if path.exists() else []
-    return []
-
-
-def fingerprint(config: StageConfig, previous: str | None, base_dir: Path) -> str:
-    """Hash of the stage's effective config, the local files it reads, and the stage before it —
-    so a change anywhere re-runs that stage and everything after it."""
+def fingerprint(config: StageConfig, inputs: dict[str, str], base_dir: Path) -> str:
+    """Hash of what decides a stage's result: its effective config (the launcher aside), the
+    fingerprints of the stages it reads from (`inputs`: name → fingerprint), the local files it
+    reads, and align's version. A stage no one reads from can change without re-running others."""
     dumped = config.model_dump(mode="json", exclude={"launcher"})
     digest = hashlib.sha256(json.dumps(dumped, sort_keys=True).encode())
-    digest.update((previous or "").encode())
-    for path in _local_inputs(dumped, base_dir):
+    digest.update(json.dumps(sorted(inputs.items())).encode())
+    digest.update(align.__version__.encode())
+    for path in local_inputs(config, base_dir):
         _digest_path(path, digest)
     return digest.hexdigest()[:16]
 
 
 def plan(recipe: Recipe, run_dir: Path) -> list[PlannedStage]:
+    """What runs and why: a stage runs when it never finished, when its fingerprint changed, or when
+    a stage it reads from runs again."""
     manifest = art.Manifest.read(run_dir)
     records = {s.name: s for s in manifest.stages} if manifest else {}
-    planned: list[PlannedStage] = []
-    previous: str | None = None
-    rerun_from: str | None = None
+    planned: dict[str, PlannedStage] = {}
     for stage in recipe.stages:
         config = effective_config(recipe, stage)
-        fp = fingerprint(config, previous, recipe.base_dir)
+        depends_on = referenced_stages(config)
+        fp = fingerprint(config, {name: planned[name].fingerprint for name in depends_on}, recipe.base_dir)
         record = records.get(stage.name)
+        rerun_inputs = [name for name in depends_on if planned[name].run]
         if record is None or record.fingerprint is None:
             run, reason = True, "not run yet"
-        elif rerun_from is not None:
-            run, reason = True, f"an earlier stage ('{rerun_from}') runs again"
+        elif rerun_inputs:
+            run, reason = True, f"stage '{rerun_inputs[0]}' it reads from runs again"
         elif record.fingerprint != fp:
             run, reason = True, "its config or inputs changed"
+        elif record.status == art.COMPLETE and not art.is_complete(run_dir, record):
+            run, reason = True, "its stage folder is gone"
         elif not art.is_complete(run_dir, record):
             run, reason = True, f"previous attempt did not finish (status: {record.status})"
         else:
             run, reason = False, "complete, unchanged"
-        if run and rerun_from is None:
-            rerun_from = stage.name
-        planned.append(PlannedStage(config, fp, run, reason))
-        previous = fp
-    return planned
+        planned[stage.name] = PlannedStage(config, fp, run, reason, depends_on)
+    return list(planned.values())
 
 
-def resolve_references(config: StageConfig, manifest: art.Manifest, run_dir: Path) -> StageConfig:
-    """Replace `${stages.NAME.ARTIFACT}` with the absolute path of that finished artifact."""
-
-    def swap(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: swap(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [swap(v) for v in value]
-        if isinstance(value, str) and (match := REFERENCE.match(value)):
-            target, artifact = match.groups()
-            record = manifest.record(target)
-            if not art.is_complete(run_dir, record):
-                raise RuntimeError(f"stage '{target}' must be complete before its {artifact} is used")
-            return str((run_dir / record.artifacts[artifact]).resolve())
-        return value
-
-    return type(config).model_validate(swap(config.model_dump(exclude_unset=False)))
+# ------------------------------------------------------------------------------------------------
+# preparing a stage: references and paths resolved, once, here
+# ------------------------------------------------------------------------------------------------
 
 
-def execute_stage(config: StageConfig, run_dir: Path, base_dir: Path) -> dict[str, Any]:
-    """Run one stage into its scratch folder (in this process). Used in-process and by the stage
-    process that `align.stage_main` starts under python or accelerate."""
-    from align.stages import stage_module
-
-    module = stage_module(config.type)
-    manifest = art.Manifest.read(run_dir)
-    assert manifest is not None, "the orchestrator writes the manifest before launching a stage"
-    config = resolve_references(config, manifest, run_dir)
-    out_dir = art.scratch_dir(run_dir, config.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out_dir / art.LOG, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        ctx = StageContext(run_dir, out_dir, base_dir, config.seed or 0, art.MetricsWriter(out_dir / art.METRICS))
-        metrics = module.run(config, ctx) or {}
-        if _is_main_process():
-            art.write_json_atomic(out_dir / art.RESULT, {"metrics": metrics, "artifacts": dict(module.ARTIFACTS)})
-        return metrics
-    finally:
-        root.removeHandler(handler)
-        handler.close()
+def _swap_references(value: Any, manifest: art.Manifest, run_dir: Path) -> Any:
+    if isinstance(value, dict):
+        return {k: _swap_references(v, manifest, run_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_swap_references(v, manifest, run_dir) for v in value]
+    if isinstance(value, str) and (match := REFERENCE.match(value)):
+        target, artifact = match.groups()
+        record = manifest.record(target)
+        if not art.is_complete(run_dir, record):
+            raise RuntimeError(f"stage '{target}' must be complete before its {artifact} is used")
+        return str((run_dir / record.artifacts[artifact]).resolve())
+    return value
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+def _absolute_paths(config: StageConfig, dumped: dict[str, Any], base_dir: Path) -> None:
+    """Make every local path the config names absolute (in `dumped`, in place), by the one rule of
+    `align.paths`, so the stage reads the same files under every launcher and from any cwd."""
+    for key_path, spec in walk_specs(config):
+        node: Any = dumped
+        for key in key_path:
+            node = node[key]
+        if isinstance(spec, ModelSpec):
+            node["name_or_path"] = absolute_if_local(node["name_or_path"], base_dir)
+            if node.get("tokenizer"):
+                node["tokenizer"] = absolute_if_local(node["tokenizer"], base_dir)
+            if node.get("chat_template") and "{" not in node["chat_template"]:
+                node["chat_template"] = absolute_if_local(node["chat_template"], base_dir)
+        elif isinstance(spec, DataSpec):
+            node["path"] = absolute_if_local(node["path"], base_dir)
+        else:
+            node["rule"] = absolute_rule(node["rule"], base_dir)
 
+
+def prepared_config(config: StageConfig, manifest: art.Manifest, run_dir: Path, base_dir: Path) -> dict[str, Any]:
+    """The config a stage process runs: references replaced by artifact paths, local paths absolute."""
+    dumped = config.model_dump(mode="json")
+    _absolute_paths(config, dumped, base_dir)
+    return _swap_references(dumped, manifest, run_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+# ------------------------------------------------------------------------------------------------
 
 Reporter = Callable[[str], None]
 
 
-def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print) -> art.Manifest:
-    """Run every stage that needs it, in order. Stops at the first failure (the manifest says which)."""
-    from align.launch import launch_stage
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()[-lines:])
 
+
+def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print) -> art.Manifest:
+    """Run every stage that needs it, in order. Stops at the first failure (the manifest says which;
+    `StageFailed` is raised after the failure was reported)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     planned = plan(recipe, run_dir)
     art.write_text_atomic(run_dir / art.RESOLVED_RECIPE, yaml.safe_dump(recipe.data, sort_keys=False))
@@ -198,24 +228,28 @@ def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print) -> art.M
             report(f"[align] skip  {name} ({item.config.type}): {item.reason}")
             continue
         report(f"[align] run   {name} ({item.config.type}): {item.reason}")
-        shutil.rmtree(art.scratch_dir(run_dir, name), ignore_errors=True)
+        scratch = art.scratch_dir(run_dir, name)
+        shutil.rmtree(scratch, ignore_errors=True)
         record.status, record.fingerprint, record.started = art.RUNNING, item.fingerprint, time.time()
         record.ended = record.duration_s = record.error = None
         record.metrics, record.artifacts = {}, {}
         manifest.write(run_dir)
         try:
-            launch_stage(item.config, run_dir, recipe.base_dir)
+            write_stage_config(scratch, prepared_config(item.config, manifest, run_dir, recipe.base_dir), recipe.base_dir)
+            launch_stage(item.config.launcher or LauncherSpec(), scratch, recipe.base_dir)
             final = art.publish(run_dir, name)
         except BaseException as err:
             record.status, record.ended = art.FAILED, time.time()
             record.duration_s = round(record.ended - (record.started or record.ended), 2)
-            record.error = f"{type(err).__name__}: {err}"
+            record.error = "; ".join(rank_errors(scratch)) or f"{type(err).__name__}: {err}"
             manifest.write(run_dir)
-            if not isinstance(err, KeyboardInterrupt | SystemExit):
-                logger.debug("stage failed", exc_info=True)
-                report(f"[align] FAILED {name}: {record.error}")
-                report("".join(traceback.format_exception(err)[-3:]).rstrip())
-            raise
+            if isinstance(err, KeyboardInterrupt | SystemExit):
+                raise
+            report(f"[align] FAILED {name}: {record.error}")
+            if tail := _log_tail(scratch / art.LOG):
+                report(tail)
+            report(f"[align] full log: {scratch / art.LOG}")
+            raise StageFailed(f"stage '{name}' failed: {record.error}") from err
         result = json.loads((final / art.RESULT).read_text(encoding="utf-8"))
         record.status, record.ended = art.COMPLETE, time.time()
         record.duration_s = round(record.ended - (record.started or record.ended), 2)
@@ -261,21 +295,3 @@ def render_report(manifest: art.Manifest) -> str:
     """The end-of-run screen: every stage's status and metrics, then held-out accuracy by stage."""
     table = accuracy_table(manifest)
     return summary_table(manifest) + (f"\n\nHeld-out accuracy\n{table}" if table else "")
-
-
-def main_stage_process(argv: list[str] | None = None) -> None:
-    """Entry of a stage's own process (`python -m align.stage_main`)."""
-    import argparse
-
-    from align.recipe.validate import load_recipe
-
-    parser = argparse.ArgumentParser(prog="align.stage_main")
-    parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--stage", required=True)
-    parser.add_argument("--base-dir", required=True, type=Path)
-    args = parser.parse_args(argv)
-    recipe = load_recipe(args.run_dir / art.RESOLVED_RECIPE, check_files=False, check_models=False)
-    recipe.base_dir = args.base_dir
-    config = effective_config(recipe, recipe.stage(args.stage))
-    execute_stage(config, args.run_dir, args.base_dir)
-    sys.exit(0)

@@ -1,38 +1,41 @@
 """Glue between a stage's typed config and a TRL trainer: building the TRL config with device-sane
-defaults, and logging trainer metrics into the stage's metrics.jsonl."""
+defaults, logging trainer metrics into the stage's metrics.jsonl, saving the trained model, and the
+one SFT routine the sft and distill stages share."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from align.artifacts import MetricsWriter
-from align.models import save_model, use_bf16, use_gradient_checkpointing
-from align.recipe.schema import LoraSpec, StageConfig, TrainingKnobs
-from align.recipe.validate import trl_config_fields
+from align.artifacts import TRAIN, MetricsWriter, metric_kind
+from align.data import with_system_prompt
+from align.models import load_tokenizer, load_trainable, save_model, use_bf16, use_gradient_checkpointing
+from align.recipe.schema import LoraSpec, ModelSpec, StageConfig, TrainingKnobs
+from align.recipe.trl_fields import config_class, trl_config_fields
+
+if TYPE_CHECKING:
+    from align.artifacts import StageContext
 
 logger = logging.getLogger("align")
 
 
-def trl_config(config: StageConfig, output_dir: Path, config_class: str | None = None, **fixed: Any) -> Any:
+def trl_config(config: StageConfig, output_dir: Path, trl_class: str | None = None, **fixed: Any) -> Any:
     """Build the stage's TRL config: its typed knobs, every passed-through TRL key, then `fixed`
     (values the stage itself decides). bf16 and gradient checkpointing are decided per device.
-    `config_class` ("module:Class") overrides the stage's `trl_config_class`, for a stage that drives
+    `trl_class` ("module:Class") overrides the stage's `trl_config_class`, for a stage that drives
     one of two trainers (distill: SFT or GKD); only that class's fields are taken from the config."""
     import torch
 
-    dotted = config_class or config.trl_config_class
+    dotted = trl_class or config.trl_config_class
     assert dotted is not None
-    module_name, _, class_name = dotted.partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = config_class(dotted)
     fields = trl_config_fields(dotted)
     values = config.model_dump()
     kwargs: dict[str, Any] = {k: v for k, v in values.items() if k in fields and k not in ("model",)}
-    kwargs.update({k: v for k, v in (config.model_extra or {}).items() if config_class is None or k in fields})
+    kwargs.update({k: v for k, v in (config.model_extra or {}).items() if trl_class is None or k in fields})
     if isinstance(config, TrainingKnobs):
         kwargs["bf16"] = use_bf16(config.bf16)
         kwargs["gradient_checkpointing"] = use_gradient_checkpointing(config.gradient_checkpointing)
@@ -57,8 +60,6 @@ def sft_layout(columns: Any) -> tuple[str, ...] | None:
 def prepare_sft_dataset(dataset: Any, system_prompt: str | None) -> Any:
     """Keep only the columns of the data's SFT layout (TRL would otherwise try to collate the rest) and
     add the system prompt to conversational rows that lack one. Used by the sft and distill stages."""
-    from align.generation import with_system_prompt
-
     keep = sft_layout(dataset.column_names) or SFT_LAYOUTS[-1]
     dataset = dataset.select_columns(list(keep))
     if system_prompt and keep[0] in ("messages", "prompt") and isinstance(dataset[0][keep[0]], list):
@@ -80,15 +81,59 @@ def save_trained_model(trainer: Any, tokenizer: Any, out_dir: Path, lora: LoraSp
 
 
 def metrics_callback(writer: MetricsWriter) -> Any:
-    """A transformers callback that appends each logged dict (with step/epoch) to metrics.jsonl."""
+    """A transformers callback that writes each logged dict to metrics.jsonl as a `train` row (an
+    `eval` row when it holds `eval_*` figures), with the step and epoch."""
     from transformers import TrainerCallback
 
     class _MetricsCallback(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if logs and state.is_world_process_zero:
-                writer.write({"step": state.global_step, "epoch": state.epoch, **_plain(logs)})
+                values = {"epoch": state.epoch, **_plain(logs)}
+                writer.log(metric_kind(values, default=TRAIN), state.global_step, **values)
 
     return _MetricsCallback()
+
+
+def run_sft(
+    config: StageConfig,
+    ctx: StageContext,
+    student: ModelSpec,
+    train: Any,
+    evaluation: Any = None,
+    *,
+    lora: LoraSpec | None,
+    system_prompt: str | None,
+    trl_class: str = "trl:SFTConfig",
+) -> tuple[Any, dict[str, Any]]:
+    """Supervised fine-tuning of `student` on `train` with TRL's `SFTTrainer` (completion-only loss on
+    prompt/completion data), saved as the stage's `model` artifact. `config` supplies the SFTConfig
+    keys. Returns the trainer and the key metrics, `num_params` (the model's parameters before LoRA)
+    among them. Used by the sft stage and by distill's sequence method."""
+    from trl import SFTTrainer
+
+    train = prepare_sft_dataset(train, system_prompt)
+    evaluation = prepare_sft_dataset(evaluation, system_prompt) if evaluation is not None else None
+    tokenizer = load_tokenizer(student, padding_side="right")
+    trainable = load_trainable(student, lora)
+    num_params = sum(p.numel() for p in trainable.model.parameters())
+    work_dir = ctx.artifact("trainer")
+    args = trl_config(config, work_dir, trl_class, eval_strategy="steps" if evaluation is not None else "no")
+    trainer = SFTTrainer(
+        model=trainable.model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=trainable.peft_config,
+        callbacks=[metrics_callback(ctx.metrics)],
+    )
+    logger.info("%s: %d examples, %s", config.type, len(train), "LoRA" if lora else "full fine-tune")
+    result = trainer.train()
+    metrics = {**final_train_metrics(trainer, result), "num_params": num_params}
+    if evaluation is not None:
+        metrics["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 5)
+    save_trained_model(trainer, tokenizer, ctx.artifact("model"), lora, work_dir)
+    return trainer, metrics
 
 
 def _plain(logs: dict[str, Any]) -> dict[str, Any]:

@@ -47,8 +47,7 @@ def peak_rss_mb():
 OURS = SETUP + """
 sys.path.insert(0, cfg["root"])
 from pathlib import Path
-from align.artifacts import MetricsWriter
-from align.runner import StageContext
+from align.artifacts import MetricsWriter, StageContext
 from align.stages.ppo import Config, run
 
 out = Path(cfg["work"]) / "ours"

@@ -84,3 +84,53 @@ def test_chat_prompt() -> None:
     assert chat_prompt("hi", "be brief") == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     already = [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]
     assert chat_prompt(already, "be brief") == already
+
+
+def test_a_dataset_dict_folder_loads_the_named_split(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:2])}
+                         ).save_to_disk(str(tmp_path / "both"))
+    assert len(load_dataset(DataSpec(path=str(tmp_path / "both"), split="test"), tmp_path)) == 2
+    assert probe_columns(DataSpec(path=str(tmp_path / "both"), split="train"), tmp_path) == {"prompt", "solution"}
+    with pytest.raises(DataError, match="no split 'dev'; it has: train, test"):
+        load_dataset(DataSpec(path=str(tmp_path / "both"), split="dev"), tmp_path)
+
+
+RECIPE = """\
+name: d
+model: align:tiny
+stages:
+  - name: ev
+    type: eval
+    dataset: DATA
+"""
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "fragment"),
+    [
+        ('{path: "align:arithmetic", split: test}', "stages[0].dataset.num_examples", "say how many rows"),
+        ("{path: FILE, split: test}", "stages[0].dataset.split", "is one file, so it has one split"),
+    ],
+)
+def test_dataset_specs_that_would_mislead_are_rejected(tmp_path: Path, data: str, key: str, fragment: str) -> None:
+    from tests.recipe_problems import recipe_problems
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    problems = recipe_problems(tmp_path, RECIPE.replace("DATA", data.replace("FILE", str(tmp_path / "d.jsonl"))))
+    assert fragment in problems[key], problems
+
+
+def test_a_local_file_without_a_split_or_with_train_is_fine(tmp_path: Path) -> None:
+    from align.recipe.validate import load_recipe
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    for data in (str(tmp_path / "d.jsonl"), f"{{path: {tmp_path / 'd.jsonl'}, split: train}}"):
+        (tmp_path / "recipe.yaml").write_text(RECIPE.replace("DATA", data))
+        assert load_recipe(tmp_path / "recipe.yaml").stages[0].dataset.path == str(tmp_path / "d.jsonl")
+
+
+def test_an_embedded_task_without_a_size_does_not_load(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="needs num_examples"):
+        load_dataset(DataSpec(path="align:arithmetic"), tmp_path)

@@ -50,3 +50,61 @@ def test_model_spec_problem(tmp_path: Path, name: str, fragment: str | None) -> 
 def test_folder_without_config_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert "has no config.json" in (model_spec_problem(ModelSpec(name_or_path=str(tmp_path / "empty")), tmp_path) or "")
+
+
+# ---------------------------------------------------------------- QLoRA reaches every training stage
+
+
+class _Quantised(Exception):
+    """Raised by the stand-in `from_pretrained` when it is asked for a 4-bit model."""
+
+
+@pytest.fixture
+def record_quantised_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Loads with a `quantization_config` are recorded (class name) and stopped; others load for real."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    seen: list[str] = []
+    for cls in (AutoModelForCausalLM, AutoModelForSequenceClassification):
+        real = cls.from_pretrained
+
+        def fake(*args, _real=real, _name=cls.__name__, **kwargs):  # type: ignore[no-untyped-def]
+            quantization = kwargs.get("quantization_config")
+            if quantization is not None:
+                assert quantization.load_in_4bit
+                seen.append(_name)
+                raise _Quantised(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", fake)
+    return seen
+
+
+QLORA = {"r": 4, "load_in_4bit": True}
+PROMPTS = {"path": "align:arithmetic", "num_examples": 8}
+STAGES = {
+    "sft": {"dataset": PROMPTS, "lora": QLORA},
+    "reward_model": {"dataset": {"path": "align:arithmetic-preferences", "num_examples": 8}, "lora": QLORA},
+    "grpo": {"dataset": PROMPTS, "rewards": [{"rule": "format"}], "lora": QLORA, "per_device_train_batch_size": 8},
+    "ppo": {"dataset": PROMPTS, "rewards": [{"rule": "format"}], "lora": QLORA},
+    "ppo-critic": {"dataset": PROMPTS, "rewards": [{"rule": "format"}], "value_lora": QLORA},
+    "distill": {"dataset": {"path": "align:arithmetic", "num_examples": 4}, "lora": QLORA, "traces": "dataset"},
+    "distill-logit": {"dataset": {"path": "align:arithmetic", "num_examples": 4}, "lora": QLORA, "traces": "dataset",
+                      "method": "logit"},
+}
+EXPECTED = {"reward_model": "AutoModelForSequenceClassification", "ppo-critic": "AutoModelForSequenceClassification"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_load_in_4bit_reaches_the_loader(tmp_path: Path, stage: str, record_quantised_loads: list[str]) -> None:
+    from align.artifacts import MetricsWriter, StageContext
+    from align.stages import stage_module
+
+    stage_type = stage.split("-")[0]
+    module = stage_module(stage_type)
+    config = module.Config.model_validate({"name": "s", "type": stage_type, "model": "align:tiny", "seed": 0,
+                                           **STAGES[stage]})
+    ctx = StageContext(tmp_path, tmp_path, tmp_path, 0, MetricsWriter(tmp_path / "metrics.jsonl"))
+    with pytest.raises(_Quantised):
+        module.run(config, ctx)
+    assert record_quantised_loads == [EXPECTED.get(stage, "AutoModelForCausalLM")]

@@ -18,7 +18,6 @@ from align.rewards import (
     check_rule_params,
     coerce_params,
     describe_rules,
-    parse_param_args,
     resolve_rule,
     rule_signature,
     try_rule,
@@ -181,16 +180,12 @@ def test_unresolvable_annotation_is_left_unchecked(tmp_path: Path) -> None:
     assert check_rule_params(fn, {"weight": "heavy"}) != []
 
 
-def test_coerce_params_and_parse_param_args() -> None:
+def test_coerce_params() -> None:
     cosine = RULES["cosine"]
-    raw = parse_param_args(["max_len=100", "min_value_wrong=-2", "answer_tag=42"])
-    assert raw == {"max_len": "100", "min_value_wrong": "-2", "answer_tag": "42"}
-    typed = coerce_params(cosine, raw)
+    typed = coerce_params(cosine, {"max_len": "100", "min_value_wrong": "-2", "answer_tag": "42"})
     assert typed == {"max_len": 100, "min_value_wrong": -2, "answer_tag": "42"}
     assert coerce_params(RULES["format"], {"prefilled_think": "true"}) == {"prefilled_think": True}
     assert coerce_params(RULES["format"], {"prefilled_think": "maybe"}) == {"prefilled_think": "maybe"}
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_param_args(["novalue"])
 
 
 # ---------------------------------------------------------------- bind_rule

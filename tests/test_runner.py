@@ -58,26 +58,80 @@ def test_runs_all_then_skips_all(tmp_path: Path) -> None:
     assert fake_stage.RUNS == []
 
 
-def test_changed_stage_reruns_it_and_everything_after(tmp_path: Path) -> None:
-    run(tmp_path)
+CHAIN = RECIPE + """\
+  - {name: d, type: fake, value: 4, dataset: "${stages.b.model}"}
+"""
+
+
+def test_a_changed_stage_reruns_with_the_stages_that_read_from_it(tmp_path: Path) -> None:
+    run(tmp_path, text=CHAIN)
     fake_stage.RUNS.clear()
-    run(tmp_path, "stages.b.value=20")
-    assert fake_stage.RUNS == ["b", "c"]
+    run(tmp_path, "stages.a.value=10", text=CHAIN)
+    assert fake_stage.RUNS == ["a", "b", "d"]  # b reads a, d reads b; c reads nothing
     fake_stage.RUNS.clear()
-    run(tmp_path, "stages.b.value=20", "stages.c.value=30")
-    assert fake_stage.RUNS == ["c"]
+    run(tmp_path, "stages.a.value=10", "stages.c.value=30", text=CHAIN)
+    assert fake_stage.RUNS == ["c"]  # nobody reads c
+    fake_stage.RUNS.clear()
+    run(tmp_path, "stages.a.value=10", "stages.c.value=30", "stages.d.value=40", text=CHAIN)
+    assert fake_stage.RUNS == ["d"]
 
 
 def test_plan_says_why(tmp_path: Path) -> None:
-    run(tmp_path)
+    run(tmp_path, text=CHAIN)
     path = tmp_path / "recipe.yaml"
     recipe = load_recipe(path, ["stages.a.value=5"])
-    reasons = [(p.config.name, p.run, p.reason) for p in plan(recipe, tmp_path / "run")]
-    assert reasons == [
+    planned = plan(recipe, tmp_path / "run")
+    assert [(p.config.name, p.run, p.reason) for p in planned] == [
         ("a", True, "its config or inputs changed"),
-        ("b", True, "an earlier stage ('a') runs again"),
-        ("c", True, "an earlier stage ('a') runs again"),
+        ("b", True, "stage 'a' it reads from runs again"),
+        ("c", False, "complete, unchanged"),
+        ("d", True, "stage 'b' it reads from runs again"),
     ]
+    assert [p.depends_on for p in planned] == [(), ("a",), (), ("b",)]
+
+
+def test_a_stage_whose_input_was_rerun_for_another_reason_runs_again(tmp_path: Path) -> None:
+    """An input re-run with the same fingerprint (its folder was lost) still re-runs its readers."""
+    import shutil
+
+    run(tmp_path, text=CHAIN)
+    shutil.rmtree(tmp_path / "run" / "a")
+    reasons = {p.config.name: p.reason for p in plan(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run") if p.run}
+    assert reasons == {"a": "its stage folder is gone",
+                       "b": "stage 'a' it reads from runs again", "d": "stage 'b' it reads from runs again"}
+
+
+def test_fingerprint_covers_align_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import align
+
+    run(tmp_path)
+    monkeypatch.setattr(align, "__version__", "99.0")
+    assert all(p.run for p in plan(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run"))
+
+
+def test_quickstart_plan_follows_references(tmp_path: Path) -> None:
+    """On the real quickstart: editing eval_base re-runs eval_base only; editing cold_start re-runs
+    every stage downstream of it and none that is not (eval_base, and the base-model sft reads the
+    rejection-sampling data, so it is downstream too)."""
+    from align.runner import effective_config
+
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    recipe = load_recipe(quickstart)
+    run_dir = tmp_path / "run"
+    manifest = art.Manifest(recipe.name, recipe.source, [])
+    for item in plan(recipe, run_dir):  # pretend every stage finished
+        name = item.config.name
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / art.RESULT).write_text("{}")
+        manifest.stages.append(art.StageRecord(name, item.config.type, art.COMPLETE, item.fingerprint,
+                                               artifacts={"model": f"{name}/model", "dataset": f"{name}/d.jsonl"}))
+    manifest.write(run_dir)
+    assert not any(p.run for p in plan(recipe, run_dir))
+    edited = load_recipe(quickstart, ["stages.eval_base.generation_batch_size=10"])
+    assert [p.config.name for p in plan(edited, run_dir) if p.run] == ["eval_base"]
+    edited = load_recipe(quickstart, ["stages.cold_start.max_steps=10"])
+    names = [effective_config(recipe, s).name for s in recipe.stages]
+    assert [p.config.name for p in plan(edited, run_dir) if p.run] == names[1:]
 
 
 def test_launcher_change_does_not_rerun(tmp_path: Path) -> None:
@@ -158,7 +212,7 @@ def test_hard_kill_mid_stage_leaves_nothing_that_looks_complete(tmp_path: Path) 
 
 
 def test_stage_in_its_own_process(tmp_path: Path) -> None:
-    """`launcher: subprocess` runs the stage through `python -m align.stage_main`; the orchestrator
+    """`launcher: subprocess` runs the stage through `python -m align.execute`; the orchestrator
     only sees what it wrote to disk."""
     from align.runner import render_report
 

@@ -4,6 +4,7 @@ base every stage config extends. A stage type adds its own fields in `align/stag
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt
@@ -70,7 +71,10 @@ class LoraSpec(Strict):
     use_rslora: bool = False
     use_dora: bool = False
     load_in_4bit: bool = Field(default=False, description="QLoRA: quantise the frozen base to 4 bit (bitsandbytes, GPU).")
-    merge: bool = Field(default=False, description="Also save the adapter merged into the base as the stage's model.")
+    merge: bool = Field(
+        default=False,
+        description="Save the stage's model as the base with the adapter merged in (a full checkpoint) instead of the adapter.",
+    )
 
 
 class RewardSpec(Strict):
@@ -83,6 +87,11 @@ class RewardSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, description="Name to log it under (default: the rule's name).")
     timeout_s: float | None = Field(default=None, gt=0, description="Wall-clock limit per call; a sample past it scores None.")
+
+    @property
+    def display_name(self) -> str:
+        """The name the reward is logged, weighted and thresholded under."""
+        return self.name or self.rule.rsplit(":", 1)[-1]
 
 
 class LauncherSpec(Strict):
@@ -133,6 +142,28 @@ class TrainingKnobs(BaseModel):
     gradient_checkpointing: bool | None = Field(default=None, description="None: on for GPU, off on CPU.")
 
 
+class TrlStageConfig(StageConfig, TrainingKnobs):
+    """A stage trained by a TRL trainer (`trl_config_class`): every other field of that TRL config is
+    accepted on the stage as-is, under TRL's name, and type-checked against TRL's own annotation."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+
+class SamplingKnobs(BaseModel):
+    """The shared sampler's settings (eval, rejection sampling, distillation traces), under TRL's names.
+    A stage type re-declares a field to give it its own default."""
+
+    temperature: float = Field(default=1.0, ge=0.0, description="0 = greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, description="Sampling top-k; None/0 = off.")
+    max_completion_length: PositiveInt = 512
+    generation_batch_size: PositiveInt = Field(default=64, description="Sequences generated at once (HF generate).")
+    use_vllm: bool = False
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    vllm_tensor_parallel_size: PositiveInt = 1
+    vllm_max_model_length: PositiveInt | None = None
+
+
 class RecipeHeader(Strict):
     """Run-level settings; `stages` is validated per stage type afterwards."""
 
@@ -143,3 +174,19 @@ class RecipeHeader(Strict):
     model: Model
     launcher: LauncherSpec = Field(default_factory=LauncherSpec)
     stages: list[dict[str, Any]] = Field(min_length=1)
+
+
+#: The spec types whose fields name files, folders or models.
+PathSpec = ModelSpec | DataSpec | RewardSpec
+
+
+def walk_specs(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], PathSpec]]:
+    """Every model, dataset and reward spec inside a config, with its key path (`("rewards", 0)`)."""
+    if isinstance(value, ModelSpec | DataSpec | RewardSpec):
+        yield path, value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from walk_specs(getattr(value, name), (*path, name))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from walk_specs(item, (*path, i))

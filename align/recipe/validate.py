@@ -5,25 +5,21 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from functools import cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
+from align.launch import launcher_problems
+from align.models import model_spec_problem
+from align.recipe.checks import CheckContext
 from align.recipe.errors import KeyPath, Problem, RecipeError, did_you_mean
 from align.recipe.loader import LocatedYAML, load_yaml_file, parse_yaml
 from align.recipe.overrides import apply_overrides
-from align.recipe.schema import (
-    REFERENCE,
-    REFERENCE_ANYWHERE,
-    DataSpec,
-    ModelSpec,
-    RecipeHeader,
-    RewardSpec,
-    StageConfig,
-)
+from align.recipe.schema import REFERENCE, REFERENCE_ANYWHERE, ModelSpec, RecipeHeader, StageConfig
+from align.recipe.trl_fields import field_adapter, trl_config_fields
+from align.stages import STAGE_TYPES, stage_module
 
 
 @dataclass
@@ -48,100 +44,6 @@ class Recipe:
 
     def default_run_dir(self) -> Path:
         return Path(self.header.run_dir) if self.header.run_dir else Path("runs") / self.header.name
-
-
-@dataclass
-class CheckContext:
-    """What a stage's own `check()` sees: its place in the recipe, the stages before it, and helpers
-    that turn a finding into a located `Problem`."""
-
-    located: LocatedYAML
-    base_dir: Path
-    index: int
-    header: RecipeHeader
-    earlier: dict[str, StageConfig]
-    check_files: bool = True
-    check_models: bool = True
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def prefix(self) -> KeyPath:
-        return ("stages", self.index)
-
-    def error(self, rel_path: KeyPath, message: str) -> None:
-        path = (*self.prefix, *rel_path)
-        self.problems.append(Problem(path, message, self.located.line_of(path)))
-
-    def resolve_file(self, value: str) -> Path:
-        return resolve_user_path(value, self.base_dir)
-
-    def dataset_columns(self, spec: DataSpec, rel_path: KeyPath) -> set[str] | None:
-        """Columns of a dataset, or None when they cannot be known before running (hub datasets)."""
-        from align import data as data_mod
-
-        ref = REFERENCE.match(spec.path)
-        if ref:
-            producer = self.earlier.get(ref.group(1))
-            if producer is None:
-                return None  # reported as a dangling reference already
-            from align.stages import stage_module
-
-            columns = stage_module(producer.type).output_columns(producer)
-            return _renamed(columns, spec.columns) if columns is not None else None
-        if not self.check_files:
-            return None
-        try:
-            columns = data_mod.probe_columns(spec, self.base_dir)
-        except data_mod.DataError as err:
-            self.error((*rel_path, "path"), str(err))
-            return None
-        return _renamed(columns, spec.columns) if columns is not None else None
-
-    def require_columns(self, spec: DataSpec, rel_path: KeyPath, needed: dict[str, str]) -> None:
-        """`needed` maps column → why it is needed; reports the ones the data lacks."""
-        columns = self.dataset_columns(spec, rel_path)
-        if columns is None:
-            return
-        for column, why in needed.items():
-            if column not in columns:
-                self.error(
-                    (*rel_path, "path"),
-                    f"dataset '{spec.path}' has no column '{column}' ({why}); it has: {', '.join(sorted(columns))}",
-                )
-
-    def check_rewards(self, rewards: list[RewardSpec], dataset: DataSpec | None, rel_path: KeyPath = ("rewards",)) -> None:
-        """Each rule resolves, its parameters fit its signature, and the dataset has its columns."""
-        from align.rewards import RuleResolutionError, check_rule_params, resolve_rule, rule_signature
-
-        needed: dict[str, str] = {}
-        for i, spec in enumerate(rewards):
-            try:
-                fn = resolve_rule(spec.rule, self.base_dir)
-            except RuleResolutionError as err:
-                self.error((*rel_path, i, "rule"), str(err))
-                continue
-            for message in check_rule_params(fn, spec.params):
-                self.error((*rel_path, i, "params"), message)
-            for column in rule_signature(fn).columns:
-                needed.setdefault(column, f"reward rule '{spec.rule}' reads it")
-        if dataset is not None and needed:
-            self.require_columns(dataset, ("dataset",), needed)
-
-    def model_spec(self, stage: StageConfig) -> ModelSpec:
-        return stage.model or self.header.model
-
-
-def _renamed(columns: set[str], renames: dict[str, str]) -> set[str]:
-    return {renames.get(c, c) for c in columns}
-
-
-def resolve_user_path(value: str, base_dir: Path) -> Path:
-    """Relative paths are taken from the current directory, then from the recipe's folder."""
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    beside = base_dir / path
-    return beside if beside.exists() else path
 
 
 def _pydantic_problems(err: ValidationError, prefix: KeyPath, model: type[BaseModel] | None) -> Iterator[tuple[KeyPath, str]]:
@@ -186,26 +88,6 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-@cache
-def trl_config_fields(dotted: str) -> dict[str, Any]:
-    """Field name → type of a TRL config dataclass (e.g. 'trl:SFTConfig')."""
-    import dataclasses
-    import importlib
-
-    module_name, _, class_name = dotted.partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
-
-
-@cache
-def _adapter(annotation: Any) -> TypeAdapter[Any] | None:
-    try:
-        return TypeAdapter(annotation)
-    except Exception:  # some TRL field types (enums of enums, callables) have no pydantic schema
-        return None
-
-
 def _split_trl_keys(
     config_cls: type[StageConfig], raw: dict[str, Any], prefix: KeyPath
 ) -> tuple[dict[str, Any], dict[str, Any], list[tuple[KeyPath, str]]]:
@@ -223,7 +105,7 @@ def _split_trl_keys(
         elif key in config_cls.reserved_trl_keys:
             problems.append(((*prefix, key), f"'{key}' is set by align from the run directory; remove it"))
         elif key in trl_fields:
-            adapter = _adapter(trl_fields[key])
+            adapter = field_adapter(trl_fields[key])
             if adapter is not None:
                 try:
                     value = adapter.validate_python(value)
@@ -250,8 +132,6 @@ def _walk_strings(value: Any, path: KeyPath) -> Iterator[tuple[KeyPath, str]]:
 
 
 def _check_references(raw_stages: list[Any], typed: dict[str, StageConfig], located: LocatedYAML) -> list[Problem]:
-    from align.stages import stage_module
-
     problems: list[Problem] = []
     order = {stage.get("name"): i for i, stage in enumerate(raw_stages) if isinstance(stage, dict)}
     for i, stage in enumerate(raw_stages):
@@ -283,8 +163,6 @@ def validate_data(
     located: LocatedYAML, base_dir: Path, *, check_files: bool = True, check_models: bool = True
 ) -> Recipe:
     """Validate already-loaded recipe data; raise RecipeError with every problem found."""
-    from align.stages import STAGE_TYPES, stage_module
-
     source = located.source
     data = located.data
     problems: list[Problem] = []
@@ -301,6 +179,7 @@ def validate_data(
 
     raw_stages = data.get("stages") if isinstance(data.get("stages"), list) else []
     typed: dict[str, StageConfig] = {}
+    written_columns: dict[str, set[str] | None] = {}
     seen: set[str] = set()
     for i, raw in enumerate(raw_stages):
         prefix: KeyPath = ("stages", i)
@@ -329,12 +208,13 @@ def validate_data(
                 add(path, message)
             continue
         if header is not None and not trl_problems:
-            ctx = CheckContext(located, base_dir, i, header, dict(typed), check_files, check_models)
-            _check_stage_model(ctx, stage_cfg)
+            ctx = CheckContext(located, base_dir, i, header, dict(typed), dict(written_columns), check_files, check_models)
+            ctx.check_model(stage_cfg.model, ("model",))
             stage_module(stage_type).check(stage_cfg, ctx)
             problems.extend(ctx.problems)
         if isinstance(name, str):
             typed[name] = stage_cfg
+            written_columns[name] = stage_module(stage_type).output_columns(stage_cfg)
 
     problems.extend(_check_references(raw_stages, typed, located))
     if header is not None:
@@ -352,22 +232,12 @@ def validate_data(
     return Recipe(source, header, list(typed.values()), data, base_dir)
 
 
-def _check_stage_model(ctx: CheckContext, stage: StageConfig) -> None:
-    if stage.model is not None and ctx.check_models and not REFERENCE.match(stage.model.name_or_path):
-        for problem in _model_problems(stage.model, (*ctx.prefix, "model"), ctx.base_dir, ctx.located):
-            ctx.problems.append(problem)
-
-
 def _model_problems(spec: ModelSpec, path: KeyPath, base_dir: Path, located: LocatedYAML) -> list[Problem]:
-    from align.models import model_spec_problem
-
     message = model_spec_problem(spec, base_dir)
     return [Problem((*path, "name_or_path"), message, located.line_of(path))] if message else []
 
 
 def _check_launcher(spec: Any, path: KeyPath, base_dir: Path, located: LocatedYAML) -> list[Problem]:
-    from align.launch import launcher_problems
-
     return [Problem((*path, *rel), msg, located.line_of((*path, *rel))) for rel, msg in launcher_problems(spec, base_dir)]
 
 
@@ -387,6 +257,6 @@ def load_recipe(
 
 
 def load_recipe_text(text: str, source: str = "<recipe>", base_dir: Path | None = None, **kwargs: Any) -> Recipe:
-    """Validate recipe text (tests, resolved recipes stored in a run directory)."""
+    """Validate recipe text that is not in a file (`base_dir`: where its relative paths start; default the cwd)."""
     located = parse_yaml(text, source)
     return validate_data(located, base_dir or Path.cwd(), **kwargs)

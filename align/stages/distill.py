@@ -38,10 +38,31 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
 
-from align.recipe.schema import REFERENCE, Data, LoraSpec, Model, ModelSpec, StageConfig, TrainingKnobs
-from align.recipe.validate import CheckContext
+from align.artifacts import StageContext
+from align.data import chat_prompt, load_dataset, message_text, write_jsonl
+from align.embedded import EMBEDDED_MODELS, embedded_model_path, is_embedded
+from align.generation import load_sampler
+from align.models import (
+    checkpoint_parameter_count,
+    device,
+    load_causal_lm,
+    load_tokenizer,
+    load_trainable,
+    resolve_model_path,
+)
+from align.paths import resolve_user_path
+from align.recipe.checks import CheckContext
+from align.recipe.schema import REFERENCE, Data, LoraSpec, Model, ModelSpec, SamplingKnobs, TrlStageConfig
+from align.training import (
+    final_train_metrics,
+    metrics_callback,
+    prepare_sft_dataset,
+    run_sft,
+    save_trained_model,
+    trl_config,
+)
 
 logger = logging.getLogger("align")
 # GKD lives in trl.experimental, which warns on every import; align pins trl to one minor version
@@ -55,8 +76,7 @@ GKD_ONLY_KEYS = ("lmbda", "beta", "seq_kd", "max_new_tokens", "disable_dropout")
 TEACHER_KEYS = ("teacher_model_name_or_path", "teacher_model_init_kwargs")
 
 
-class Config(StageConfig, TrainingKnobs):
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+class Config(TrlStageConfig, SamplingKnobs):
     trl_config_class: ClassVar[str | None] = "trl.experimental.gkd:GKDConfig"
 
     type: Literal["distill"] = "distill"
@@ -69,16 +89,10 @@ class Config(StageConfig, TrainingKnobs):
     conversational: bool = Field(default=True, description="Plain-string prompts become a user message (chat template).")
     lora: LoraSpec | None = Field(default=None, description="Train the student as LoRA.")
 
-    # teacher traces (and GKD's on-policy samples: `temperature` is GKDConfig's too)
+    # teacher traces: the shared sampler's settings (and GKD's on-policy samples: `temperature` is GKDConfig's too)
     num_generations: PositiveInt = Field(default=1, description="Teacher traces per prompt.")
     temperature: float = Field(default=0.6, ge=0.0, description="Sampling temperature; 0 = greedy traces.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_completion_length: PositiveInt = 512
-    generation_batch_size: PositiveInt = 64
     drop_truncated: bool = Field(default=True, description="Drop teacher traces that never emitted EOS.")
-    use_vllm: bool = False
-    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
-    vllm_tensor_parallel_size: PositiveInt = 1
 
     # logit-level (GKDConfig's names; both defaults differ from TRL's 0.5: a fresh student's own
     # samples teach it nothing, and forward KL learnt far faster than JSD(0.5) on the embedded task —
@@ -125,26 +139,15 @@ def check(config: Config, ctx: CheckContext) -> None:
             ctx.error(("conversational",), "method: logit (GKD) needs conversational data (chat messages)")
         if config.temperature == 0.0 and (config.lmbda > 0 or config.seq_kd):
             ctx.error(("temperature",), "on-policy / seq_kd samples need temperature > 0")
-    if config.temperature == 0.0 and config.num_generations > 1:
-        ctx.error(("num_generations",), "greedy decoding (temperature 0) gives one distinct trace; set temperature > 0")
-    if config.use_vllm and ctx.check_models:
-        from align.generation import vllm_available
-
-        if not vllm_available():
-            ctx.error(("use_vllm",), "vLLM is not installed (pip install 'align[vllm]'); set use_vllm: false to use HF generate")
+    ctx.check_sampling(config, config.num_generations, "num_generations")
+    ctx.check_lora(config.lora)
+    ctx.check_model(config.teacher, ("teacher",))
+    ctx.check_model(config.student, ("student",))
     teacher = config.teacher or ctx.model_spec(config)
-    if ctx.check_models:
-        from align.models import model_spec_problem
-
-        for key, spec in (("teacher", config.teacher), ("student", config.student)):
-            if spec is None or REFERENCE.match(spec.name_or_path):
-                continue
-            if problem := model_spec_problem(spec, ctx.base_dir):
-                ctx.error((key, "name_or_path"), problem)
-        if config.method == "logit":
-            problem = vocabulary_mismatch(_origin(teacher, ctx), _origin(config.student, ctx), ctx.base_dir)
-            if problem:
-                ctx.error(("student",), f"method: logit needs teacher and student to share a vocabulary: {problem}")
+    if ctx.check_models and config.method == "logit":
+        problem = vocabulary_mismatch(_origin(teacher, ctx), _origin(config.student, ctx), ctx.base_dir)
+        if problem:
+            ctx.error(("student",), f"method: logit needs teacher and student to share a vocabulary: {problem}")
 
 
 def _origin(spec: ModelSpec, ctx: CheckContext) -> ModelSpec | None:
@@ -163,9 +166,6 @@ def _origin(spec: ModelSpec, ctx: CheckContext) -> ModelSpec | None:
 
 
 def _local_model_dir(spec: ModelSpec, base_dir: Path) -> Path | None:
-    from align.embedded import embedded_model_path, is_embedded
-    from align.recipe.validate import resolve_user_path
-
     if is_embedded(spec.name_or_path):
         return embedded_model_path(spec.name_or_path)
     path = resolve_user_path(spec.name_or_path, base_dir)
@@ -176,8 +176,6 @@ def vocabulary_mismatch(teacher: ModelSpec | None, student: ModelSpec | None, ba
     """Why two models cannot share logits (different token→id maps or output sizes), or None when they
     can or when it cannot be known offline (hub ids, later-stage outputs)."""
     import json
-
-    from align.embedded import EMBEDDED_MODELS
 
     if teacher is None or student is None:
         return None
@@ -220,29 +218,15 @@ def trace_source(config: Config, columns: list[str]) -> Literal["teacher", "data
     return config.traces
 
 
-def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: Any) -> tuple[Any, dict[str, Any]]:
+def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: StageContext) -> tuple[Any, dict[str, Any]]:
     """Sample the teacher's traces for every prompt; return them as a prompt/completion dataset (the
     prompt's other columns kept) and figures about them. Also written to `traces.jsonl`."""
     from datasets import Dataset
 
-    from align.data import chat_prompt, write_jsonl
-    from align.generation import make_sampler
-    from align.models import device, load_causal_lm, load_tokenizer, resolve_model_path
-
-    tokenizer = load_tokenizer(teacher, padding_side="left")
-    sample = make_sampler(
-        resolve_model_path(teacher.name_or_path, ctx.base_dir), tokenizer, use_vllm=config.use_vllm, seed=ctx.seed,
-        vllm_kwargs={"gpu_memory_utilization": config.vllm_gpu_memory_utilization,
-                     "tensor_parallel_size": config.vllm_tensor_parallel_size,
-                     "dtype": teacher.dtype, "trust_remote_code": teacher.trust_remote_code},
-        load_model=lambda: load_causal_lm(teacher).to(device()),
-    )  # fmt: skip
+    sample = load_sampler(teacher, config, seed=ctx.seed)
     rows = dataset.to_list()
     prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
-    samples = sample(
-        prompts, num_samples=config.num_generations, max_new_tokens=config.max_completion_length,
-        temperature=config.temperature, top_p=config.top_p, batch_size=config.generation_batch_size, seed=ctx.seed,
-    )  # fmt: skip
+    samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed)
     traces: list[dict[str, Any]] = []
     truncated = 0
     for row, prompt, row_samples in zip(rows, prompts, samples, strict=True):
@@ -257,7 +241,6 @@ def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: Any) 
         write_jsonl(traces, ctx.artifact(ARTIFACTS["traces"]))
     figures: dict[str, Any] = {"num_traces": len(traces), "dropped_truncated": truncated}
     if traces and "solution" in traces[0]:
-        from align.data import message_text
         from reward_rules import RULES
 
         correct = RULES["accuracy"]([message_text(t["completion"]) for t in traces], solution=[t["solution"] for t in traces])
@@ -282,24 +265,7 @@ def _check_shared_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any, tea
                          + ("" if t_size != s_size else ", and their tokenizers map tokens to ids differently"))
 
 
-def run(config: Config, ctx: Any) -> dict[str, Any]:
-    from align.data import load_dataset
-    from align.models import (
-        checkpoint_parameter_count,
-        device,
-        load_causal_lm,
-        load_tokenizer,
-        peft_config,
-        resolve_model_path,
-    )
-    from align.training import (
-        final_train_metrics,
-        metrics_callback,
-        prepare_sft_dataset,
-        save_trained_model,
-        trl_config,
-    )
-
+def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     teacher = config.teacher or config.model
     assert teacher is not None
     dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
@@ -310,39 +276,36 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
         train = dataset
         figures["num_traces"] = len(train)
         ctx.artifact(ARTIFACTS["traces"]).touch()  # the traces are the dataset's; nothing new to write
-    train = prepare_sft_dataset(train, config.system_prompt)
-    tokenizer = load_tokenizer(config.student, padding_side="right")
-    student = load_causal_lm(config.student)
-    student_params = sum(p.numel() for p in student.parameters())  # before LoRA adds its own
-    work_dir = ctx.artifact("trainer")
-    callbacks = [metrics_callback(ctx.metrics)]
-    lora = peft_config(config.lora) if config.lora else None
-    teacher_model = None
     if config.method == "sequence":
-        from trl import SFTTrainer
-
-        args = trl_config(config, work_dir, config_class="trl:SFTConfig")
-        trainer = SFTTrainer(model=student, args=args, train_dataset=train, processing_class=tokenizer,
-                             peft_config=lora, callbacks=callbacks)  # fmt: skip
-    else:
-        from trl.experimental.gkd import GKDTrainer
-
-        teacher_model = load_causal_lm(teacher).to(device()).eval()
-        _check_shared_vocabulary(load_tokenizer(teacher), tokenizer, teacher_model, student)
-        args = trl_config(config, work_dir)
-        trainer = GKDTrainer(model=student, teacher_model=teacher_model, args=args, train_dataset=_as_messages(train),
-                             processing_class=tokenizer, peft_config=lora, callbacks=callbacks)  # fmt: skip
-    if teacher_model is not None:
-        teacher_params: int | None = sum(p.numel() for p in teacher_model.parameters())
-    else:
+        trainer, metrics = run_sft(config, ctx, config.student, train, lora=config.lora,
+                                   system_prompt=config.system_prompt)  # fmt: skip
+        student_params = metrics.pop("num_params")
         teacher_params = checkpoint_parameter_count(resolve_model_path(teacher.name_or_path, ctx.base_dir))
-    logger.info("distill (%s): %d traces, student %s parameters, teacher %s", config.method, len(train),
-                f"{student_params:,}", f"{teacher_params:,}" if teacher_params else "?")
-    result = trainer.train()
-    metrics = {**figures, **final_train_metrics(trainer, result), "student_params": student_params}
+    else:
+        metrics, student_params, teacher_params = _train_logit(config, ctx, teacher, train)
+    metrics = {**figures, **metrics, "student_params": student_params}
     if teacher_params:
         metrics["teacher_params"] = teacher_params
         metrics["student_teacher_param_ratio"] = round(student_params / teacher_params, 4)
-    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
-    ctx.metrics.write(metrics)
     return metrics
+
+
+def _train_logit(config: Config, ctx: StageContext, teacher: ModelSpec, train: Any) -> tuple[dict[str, Any], int, int]:
+    """Logit-level KD on TRL's GKDTrainer: the student matches the teacher's next-token distributions."""
+    from trl.experimental.gkd import GKDTrainer
+
+    train = prepare_sft_dataset(train, config.system_prompt)
+    tokenizer = load_tokenizer(config.student, padding_side="right")
+    trainable = load_trainable(config.student, config.lora)
+    student_params = sum(p.numel() for p in trainable.model.parameters())  # before LoRA adds its own
+    teacher_model = load_causal_lm(teacher).to(device()).eval()
+    _check_shared_vocabulary(load_tokenizer(teacher), tokenizer, teacher_model, trainable.model)
+    work_dir = ctx.artifact("trainer")
+    trainer = GKDTrainer(model=trainable.model, teacher_model=teacher_model, args=trl_config(config, work_dir),
+                         train_dataset=_as_messages(train), processing_class=tokenizer, peft_config=trainable.peft_config,
+                         callbacks=[metrics_callback(ctx.metrics)])  # fmt: skip
+    logger.info("distill (logit): %d traces, student %s parameters", len(train), f"{student_params:,}")
+    result = trainer.train()
+    metrics = final_train_metrics(trainer, result)
+    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
+    return metrics, student_params, sum(p.numel() for p in teacher_model.parameters())

@@ -17,30 +17,30 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt
 
-from align.recipe.schema import Data, StageConfig
-from align.recipe.validate import CheckContext
+from align.artifacts import StageContext
+from align.data import chat_prompt, load_dataset, write_jsonl
+from align.generation import load_sampler
+from align.recipe.checks import CheckContext
+from align.recipe.schema import Data, SamplingKnobs, StageConfig
 
 logger = logging.getLogger("align")
 
 ARTIFACTS = {"predictions": "predictions.jsonl"}
 
 
-class Config(StageConfig):
+class Config(StageConfig, SamplingKnobs):
     type: Literal["eval"] = "eval"
     dataset: Data
     num_samples: PositiveInt = Field(default=1, description="Samples per prompt (k for pass@k).")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_completion_length: PositiveInt = 256
-    batch_size: PositiveInt = 64
     pass_k: list[PositiveInt] | None = Field(default=None, description="Default: [1, num_samples].")
     system_prompt: str | None = None
     conversational: bool = Field(default=True, description="Plain-string prompts become a user message (chat template).")
 
 
 def check(config: Config, ctx: CheckContext) -> None:
-    if config.temperature == 0.0 and config.num_samples > 1:
-        ctx.error(("num_samples",), "greedy decoding (temperature 0) gives one distinct sample; set temperature > 0")
+    ctx.check_sampling(config, config.num_samples, "num_samples")
     for i, k in enumerate(config.pass_k or []):
         if k > config.num_samples:
             ctx.error(("pass_k", i), f"pass@{k} needs at least {k} samples per prompt (num_samples is {config.num_samples})")
@@ -63,7 +63,7 @@ def score(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Score generated samples; returns the metrics and one record per prompt."""
     from reward_rules import RULES
-    from reward_rules.accuracy import extract_answer
+    from reward_rules.accuracy import extract_answer  # the rules import math-verify: only when scoring
 
     accuracy_rule, format_rule = RULES["accuracy"], RULES["format"]
     flat_texts = [s.text for row in samples for s in row]
@@ -104,25 +104,15 @@ def score(
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, records
 
 
-def run(config: Config, ctx: Any) -> dict[str, Any]:
-    from align.data import chat_prompt, load_dataset, write_jsonl
-    from align.generation import generate
-    from align.models import device, load_causal_lm, load_tokenizer
-
+def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     assert config.model is not None
     dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
     prompts = [chat_prompt(p, config.system_prompt, config.conversational) for p in dataset["prompt"]]
     solutions = [str(s) for s in dataset["solution"]]
-    tokenizer = load_tokenizer(config.model)
-    model = load_causal_lm(config.model).to(device())
+    sampler = load_sampler(config.model, config, seed=ctx.seed)
     logger.info("eval: %d prompts × %d samples", len(prompts), config.num_samples)
-    samples = generate(
-        model, tokenizer, prompts,
-        num_samples=config.num_samples, max_new_tokens=config.max_completion_length,
-        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size, seed=ctx.seed,
-    )
+    samples = sampler(prompts, num_samples=config.num_samples, seed=ctx.seed)
     pass_k = sorted(set(config.pass_k or [1, config.num_samples]))
     metrics, records = score(prompts, solutions, samples, pass_k)
     write_jsonl(records, ctx.artifact(ARTIFACTS["predictions"]))
-    ctx.metrics.write(metrics)
     return metrics

@@ -6,10 +6,15 @@ loss_type, scale_rewards, epsilon, epsilon_high, mask_truncated_completions, num
 use_vllm, vllm_mode, …); the most-tuned ones are typed and bounded here, every other `GRPOConfig`
 field is accepted as-is. Defaults are TRL's, except bf16/gradient checkpointing, decided per device.
 
-Logged into metrics.jsonl at every logging step: per-rule mean reward (`rewards/<rule>/mean`), total
-reward and its std, the fraction of groups whose rewards all tie (`frac_reward_zero_std`), KL (when
-beta > 0), entropy, completion lengths, clip ratios; and a few sample completions with their rule
-scores into samples.jsonl. Per-rule failure counts (samples scored None) go into the manifest.
+Rewards are rules (`rewards:`) and, optionally, a frozen reward model (`reward_model:`, weighted by
+`reward_model_weight`, logged as `reward_model`): the shared scorer's terms, summed by TRL with
+their weights.
+
+Logged into metrics.jsonl at every logging step (`train` rows): per-rule mean reward
+(`rewards/<rule>/mean`), total reward and its std, the fraction of groups whose rewards all tie
+(`frac_reward_zero_std`), KL (when beta > 0), entropy, completion lengths, clip ratios; and a few
+sample completions with their scores (`sample` rows). Per-rule failure counts (samples scored None)
+go into the manifest.
 """
 
 from __future__ import annotations
@@ -17,24 +22,32 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
-from align.recipe.schema import Data, LoraSpec, RewardSpec, StageConfig, TrainingKnobs
-from align.recipe.validate import CheckContext
+from align.artifacts import SAMPLE, MetricsWriter, StageContext
+from align.data import chat_prompt, load_dataset, message_text
+from align.generation import render_prompt
+from align.models import load_tokenizer, load_trainable
+from align.recipe.checks import CheckContext
+from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, TrlStageConfig
+from align.rewards import Scorer
+from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
 
 logger = logging.getLogger("align")
 
-ARTIFACTS = {"model": "model", "samples": "samples.jsonl"}
+ARTIFACTS = {"model": "model"}
 SAMPLES_PER_LOG = 3
 
 
-class Config(StageConfig, TrainingKnobs):
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+class Config(TrlStageConfig):
     trl_config_class: ClassVar[str | None] = "trl:GRPOConfig"
 
     type: Literal["grpo"] = "grpo"
     dataset: Data
-    rewards: list[RewardSpec] = Field(min_length=1)
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Rule rewards (`reward_rules/` names, files, imports).")
+    reward_model: Model | None = Field(default=None, description="Frozen sequence-classification reward model.")
+    reward_model_weight: float = 1.0
+    reward_model_batch_size: PositiveInt = 32
     system_prompt: str | None = Field(default=None, description="Prepended to conversational prompts that lack one.")
     conversational: bool = Field(
         default=True, description="Wrap plain-string prompts as a user message (chat template applies); false keeps raw text."
@@ -58,12 +71,20 @@ class Config(StageConfig, TrainingKnobs):
     use_vllm: bool = False
     vllm_mode: Literal["server", "colocate"] = "colocate"
 
+    @model_validator(mode="after")
+    def _needs_a_reward(self) -> Config:
+        if not self.rewards and self.reward_model is None:
+            raise ValueError("GRPO needs a reward: set rewards, reward_model, or both")
+        return self
+
 
 def check(config: Config, ctx: CheckContext) -> None:
     ctx.require_columns(config.dataset, ("dataset",), {"prompt": "GRPO generates from it"})
     ctx.check_rewards(config.rewards, config.dataset)
-    launcher = config.launcher or ctx.header.launcher
-    processes = launcher.num_processes or 1
+    ctx.check_model(config.reward_model, ("reward_model",))
+    ctx.check_lora(config.lora)
+    ctx.check_vllm(config.use_vllm)
+    processes = ctx.processes(config)
     steps_per_generation = (config.model_extra or {}).get("steps_per_generation") or config.gradient_accumulation_steps
     generation_batch = config.per_device_train_batch_size * processes * steps_per_generation
     if generation_batch % config.num_generations:
@@ -74,11 +95,6 @@ def check(config: Config, ctx: CheckContext) -> None:
         )
     if config.epsilon_high is not None and config.epsilon_high < config.epsilon:
         ctx.error(("epsilon_high",), f"epsilon_high ({config.epsilon_high}) must be ≥ epsilon ({config.epsilon})")
-    if config.use_vllm and ctx.check_models:
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            ctx.error(("use_vllm",), "vLLM is not installed (pip install 'align[vllm]'); set use_vllm: false to use HF generate")
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -106,8 +122,6 @@ class SampleRecorder:
         return recorded
 
     def take(self, count: int) -> list[dict[str, Any]]:
-        from align.data import message_text
-
         latest, self.latest = self.latest, {}
         completions = latest.get("completions") or []
         prompts = latest.get("prompts") or [None] * len(completions)
@@ -118,26 +132,19 @@ class SampleRecorder:
         return rows
 
 
-def _samples_callback(recorder: SampleRecorder, path: Any) -> Any:
+def _samples_callback(recorder: SampleRecorder, writer: MetricsWriter) -> Any:
     from transformers import TrainerCallback
-
-    from align.artifacts import MetricsWriter
-
-    writer = MetricsWriter(path)
 
     class _Samples(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
                 for row in recorder.take(SAMPLES_PER_LOG):
-                    writer.write({"step": state.global_step, **row})
+                    writer.log(SAMPLE, state.global_step, **row)
 
     return _Samples()
 
 
 def _prepare(dataset: Any, tokenizer: Any, config: Config) -> Any:
-    from align.data import chat_prompt
-    from align.generation import render_prompt
-
     if config.conversational or config.system_prompt:
         dataset = dataset.map(lambda row: {"prompt": chat_prompt(row["prompt"], config.system_prompt, config.conversational)})
     if config.max_prompt_length:
@@ -149,46 +156,39 @@ def _prepare(dataset: Any, tokenizer: Any, config: Config) -> Any:
     return dataset
 
 
-def run(config: Config, ctx: Any) -> dict[str, Any]:
+def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     from trl import GRPOTrainer
-
-    from align.data import load_dataset
-    from align.models import load_causal_lm, load_tokenizer, peft_config
-    from align.rewards import bind_rule, resolve_rule
-    from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
 
     assert config.model is not None
     tokenizer = load_tokenizer(config.model, padding_side="left")
     train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), tokenizer, config)
-    bound = [
-        bind_rule(resolve_rule(r.rule, ctx.base_dir), r.params, r.name or r.rule.rsplit(":", 1)[-1], timeout_s=r.timeout_s)
-        for r in config.rewards
-    ]
+    scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
+                          reward_model_batch_size=config.reward_model_batch_size)  # fmt: skip
     recorder = SampleRecorder()
     work_dir = ctx.artifact("trainer")
-    args = trl_config(config, work_dir, reward_weights=[r.weight for r in config.rewards])
+    args = trl_config(config, work_dir, reward_weights=[t.weight for t in scorer.terms])
+    trainable = load_trainable(config.model, config.lora)
     trainer = GRPOTrainer(
-        model=load_causal_lm(config.model),
-        reward_funcs=[recorder.wrap(fn) for fn in bound],
+        model=trainable.model,
+        reward_funcs=[recorder.wrap(fn) for fn in scorer.functions],
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
-        peft_config=peft_config(config.lora) if config.lora else None,
-        callbacks=[metrics_callback(ctx.metrics), _samples_callback(recorder, ctx.artifact(ARTIFACTS["samples"]))],
+        peft_config=trainable.peft_config,
+        callbacks=[metrics_callback(ctx.metrics), _samples_callback(recorder, ctx.metrics)],
     )
-    logger.info("grpo: %d prompts, %d generations each, rules: %s", len(train), config.num_generations,
-                ", ".join(f"{fn.__name__}×{r.weight:g}" for fn, r in zip(bound, config.rewards, strict=True)))
+    logger.info("grpo: %d prompts, %d generations each, rewards: %s", len(train), config.num_generations,
+                ", ".join(f"{t.name}×{t.weight:g}" for t in scorer.terms))
     result = trainer.train()
     metrics = final_train_metrics(trainer, result)
     rewards_logged = [h for h in trainer.state.log_history if "reward" in h]
     if rewards_logged:
         metrics["first_reward"] = round(float(rewards_logged[0]["reward"]), 4)
         metrics["last_reward"] = round(float(rewards_logged[-1]["reward"]), 4)
-    for fn in bound:
-        metrics[f"{fn.__name__}_failures"] = fn.failures
-        if fn.failures:
-            logger.warning("grpo: rule %s scored None on %d samples (%s)", fn.__name__, fn.failures, fn.stats.last_error)
-    if trainer.is_world_process_zero():
-        ctx.artifact(ARTIFACTS["samples"]).touch()
+    last_errors = scorer.last_errors()
+    for name, failures in scorer.failures().items():
+        metrics[f"{name}_failures"] = failures
+        if failures:
+            logger.warning("grpo: rule %s scored None on %d samples (%s)", name, failures, last_errors.get(name))
     save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
     return metrics

@@ -74,8 +74,22 @@ from pydantic import (
     model_validator,
 )
 
-from align.recipe.schema import REFERENCE, Data, LoraSpec, Model, RewardSpec, StageConfig, TrainingKnobs
-from align.recipe.validate import CheckContext
+from align.artifacts import EVAL, SAMPLE, TRAIN, StageContext
+from align.data import chat_prompt, load_dataset
+from align.generation import encode_prompts, eos_and_pad_ids, generate_rollout
+from align.models import (
+    device,
+    load_causal_lm,
+    load_tokenizer,
+    load_trainable,
+    save_model,
+    use_bf16,
+    use_gradient_checkpointing,
+)
+from align.recipe.checks import CheckContext
+from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, StageConfig, TrainingKnobs
+from align.rewards import Scorer
+from align.training import warmup_step_count
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -155,28 +169,11 @@ def check(config: Config, ctx: CheckContext) -> None:
     ctx.check_rewards(config.rewards, config.dataset)
     ctx.require_columns(config.dataset, ("dataset",), prompt)
     if config.eval_dataset is not None:
-        ctx.require_columns(config.eval_dataset, ("eval_dataset",), {**prompt, **_rule_columns(config, ctx)})
-    for key in ("reward_model", "value_model"):
-        spec = getattr(config, key)
-        if spec is not None and ctx.check_models and not REFERENCE.match(spec.name_or_path):
-            from align.models import model_spec_problem
-
-            if problem := model_spec_problem(spec, ctx.base_dir):
-                ctx.error((key, "name_or_path"), problem)
-
-
-def _rule_columns(config: Config, ctx: CheckContext) -> dict[str, str]:
-    """Dataset columns the rule rewards read (rules that do not resolve are reported elsewhere)."""
-    from align.rewards import resolve_rule, rule_signature
-
-    needed: dict[str, str] = {}
-    for spec in config.rewards:
-        try:
-            fn = resolve_rule(spec.rule, ctx.base_dir)
-        except ValueError:
-            continue
-        needed.update({c: f"reward rule '{spec.rule}' reads it" for c in rule_signature(fn).columns})
-    return needed
+        ctx.require_columns(config.eval_dataset, ("eval_dataset",), {**prompt, **ctx.rule_columns(config.rewards)})
+    ctx.check_model(config.reward_model, ("reward_model",))
+    ctx.check_model(config.value_model, ("value_model",))
+    ctx.check_lora(config.lora)
+    ctx.check_lora(config.value_lora, ("value_lora",))
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -249,61 +246,6 @@ def _values(critic: nn.Module, batch: dict[str, Tensor], response_length: int) -
         use_cache=False,
     ).last_hidden_state
     return head(hidden[:, -response_length - 1 : -1]).squeeze(-1).float()
-
-
-# --------------------------------------------------------------------------------------------------
-# rewards
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Scorer:
-    """Weighted sum of a frozen reward model's score and rule rewards for finished rollouts."""
-
-    reward_model: Any
-    rm_tokenizer: Any
-    rm_weight: float
-    rules: list[tuple[str, float, Any]]  # (name, weight, bound rule)
-    batch_size: int
-
-    def __call__(self, prompts: list[Any], texts: list[str], completion_ids: list[list[int]],
-                 columns: dict[str, list[Any]]) -> tuple[Tensor, dict[str, Tensor]]:
-        import torch
-
-        parts: dict[str, Tensor] = {}
-        total = torch.zeros(len(texts))
-        if self.reward_model is not None:
-            parts["reward_model"] = self.reward_model_scores(prompts, texts)
-            total += self.rm_weight * parts["reward_model"]
-        conversational = bool(prompts) and not isinstance(prompts[0], str)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-        for name, weight, rule in self.rules:
-            values = rule(completions, prompts=prompts, completion_ids=completion_ids, **columns)
-            scored = torch.tensor([math.nan if v is None else float(v) for v in values])
-            parts[name] = scored
-            total += weight * torch.nan_to_num(scored, nan=0.0)
-        return total, parts
-
-    def reward_model_scores(self, prompts: list[Any], texts: list[str]) -> Tensor:
-        import torch
-
-        from align.models import score_with_reward_model
-
-        # Rendered exactly as the reward_model stage (TRL) tokenised its training pairs.
-        scores = score_with_reward_model(self.reward_model, self.rm_tokenizer, prompts, texts, batch_size=self.batch_size)
-        return torch.tensor(scores)
-
-
-def _rule_rewards(config: Config, base_dir: Any) -> list[tuple[str, float, Any]]:
-    if not config.rewards:
-        return []
-    from align.rewards import bind_rule, resolve_rule
-
-    rules = []
-    for spec in config.rewards:
-        name = spec.name or spec.rule.rsplit(":", 1)[-1]
-        rules.append((name, spec.weight, bind_rule(resolve_rule(spec.rule, base_dir), spec.params, name)))
-    return rules
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,30 +363,12 @@ def _backward_ppo_losses(actor_critic: nn.Module, backward: Any, micro_batch: tu
 # --------------------------------------------------------------------------------------------------
 
 
-def run(config: Config, ctx: Any) -> dict[str, Any]:
+def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_scheduler
 
-    from align.data import load_dataset
-    from align.generation import (
-        encode_prompts,
-        eos_and_pad_ids,
-        generate_tensors,
-        left_pad,
-        with_system_prompt,
-    )
-    from align.models import (
-        device,
-        load_causal_lm,
-        load_sequence_classifier,
-        load_tokenizer,
-        peft_config,
-        save_model,
-        use_bf16,
-        use_gradient_checkpointing,
-    )
     from align.rl.functional import (
         AdaptiveKLController,
         FixedKLController,
@@ -460,7 +384,6 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
         masked_whiten,
         per_token_rewards,
     )
-    from align.training import warmup_step_count
 
     assert config.model is not None
     accelerator = Accelerator(
@@ -473,39 +396,22 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
 
     # ---- models -----------------------------------------------------------------------------
     tokenizer = load_tokenizer(config.model, padding_side="left")
-    policy = load_causal_lm(config.model)
+    policy = load_trainable(config.model, config.lora, wrap_lora=True,
+                            gradient_checkpointing=use_gradient_checkpointing(config.gradient_checkpointing)).model
     _disable_dropout(policy)
-    if use_gradient_checkpointing(config.gradient_checkpointing):
-        policy.gradient_checkpointing_enable()
-    reference = None
-    if config.lora is not None:
-        from peft import get_peft_model
-
-        policy = get_peft_model(policy, peft_config(config.lora))
-        if use_gradient_checkpointing(config.gradient_checkpointing):
-            policy.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    else:
-        reference = load_causal_lm(config.model).requires_grad_(False).eval().to(accelerator.device)
-    reward_model = rm_tokenizer = None
-    if config.reward_model is not None:
-        reward_model = load_sequence_classifier(config.reward_model).requires_grad_(False).eval().to(accelerator.device)
-        rm_tokenizer = load_tokenizer(config.reward_model, padding_side="right")
-    critic = load_sequence_classifier(config.value_model or config.reward_model or config.model)
+    # With LoRA the reference is the policy with its adapter disabled: no second copy.
+    reference = None if config.lora else load_causal_lm(config.model).requires_grad_(False).eval().to(accelerator.device)
+    scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
+                          reward_model_batch_size=config.local_rollout_forward_batch_size)  # fmt: skip
+    critic = load_trainable(config.value_model or config.reward_model or config.model, config.value_lora,
+                            task="sequence_classification", wrap_lora=True).model  # fmt: skip
     _disable_dropout(critic)
-    if config.value_lora is not None:
-        from peft import get_peft_model
-
-        critic = get_peft_model(critic, peft_config(config.value_lora, task_type="SEQ_CLS"))
-    scorer = Scorer(reward_model, rm_tokenizer, config.reward_model_weight, _rule_rewards(config, ctx.base_dir),
-                    config.local_rollout_forward_batch_size)
     eos_ids, pad_id = eos_and_pad_ids(policy, tokenizer)
 
     # ---- data ---------------------------------------------------------------------------------
     def prompt_table(spec: Any) -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
         data = load_dataset(spec, ctx.base_dir, ctx.seed)
-        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) and config.conversational else p
-                   for p in data["prompt"]]
-        prompts = [with_system_prompt(p, config.system_prompt) for p in prompts]
+        prompts = [chat_prompt(p, config.system_prompt, config.conversational) for p in data["prompt"]]
         columns = {c: data[c] for c in data.column_names if c != "prompt"}
         return prompts, encode_prompts(tokenizer, prompts), columns
 
@@ -558,25 +464,12 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
     @torch.no_grad()
     def rollout(queries: list[list[int]], temperature: float) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, list[str]]:
         """Generate for prompt token lists in chunks; returns full batch, responses, mask, finished, texts."""
-        model = unwrapped().policy
-        chunks = []
-        size = config.local_rollout_forward_batch_size
-        for start in range(0, len(queries), size):
-            ids, attention = left_pad(queries[start : start + size], pad_id)
-            chunks.append(generate_tensors(model, ids, attention, max_new_tokens=config.response_length,
-                                           eos_ids=eos_ids, pad_id=pad_id, temperature=temperature))
-        # Chunks differ in widths: left-pad queries and right-pad responses to common ones.
-        query_width = max(c.query_ids.shape[1] for c in chunks)
-        response_width = max(c.response_ids.shape[1] for c in chunks)
-        pad = torch.nn.functional.pad
-        query_ids = torch.cat([pad(c.query_ids, (query_width - c.query_ids.shape[1], 0), value=pad_id) for c in chunks])
-        query_mask = torch.cat([pad(c.query_mask, (query_width - c.query_mask.shape[1], 0)) for c in chunks])
-        responses = torch.cat([pad(c.response_ids, (0, response_width - c.response_ids.shape[1]), value=pad_id)
-                               for c in chunks])
-        mask = torch.cat([pad(c.response_mask, (0, response_width - c.response_mask.shape[1])) for c in chunks])
-        finished = torch.cat([c.finished for c in chunks])
+        out = generate_rollout(unwrapped().policy, queries, chunk_size=config.local_rollout_forward_batch_size,
+                               max_new_tokens=config.response_length, eos_ids=eos_ids, pad_id=pad_id,
+                               temperature=temperature)  # fmt: skip
+        responses, mask = out.response_ids, out.response_mask
         texts = tokenizer.batch_decode(torch.where(mask, responses, pad_id), skip_special_tokens=True)
-        return _full_batch(query_ids, query_mask, responses, mask), responses, mask, finished, texts
+        return _full_batch(out.query_ids, out.query_mask, responses, mask), responses, mask, out.finished, texts
 
     @torch.no_grad()
     def forward_in_chunks(batch: dict[str, Tensor], responses: Tensor, with_values: bool = True
@@ -602,7 +495,11 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
               table: tuple[list[Any], list[list[int]], dict[str, list[Any]]]) -> tuple[Tensor, dict[str, Tensor]]:
         row_prompts, _, row_columns = table
         ids = [r[m].tolist() for r, m in zip(responses.cpu(), mask.cpu(), strict=True)]
-        return scorer([row_prompts[i] for i in rows], texts, ids, {c: [v[i] for i in rows] for c, v in row_columns.items()})
+        scores = scorer([row_prompts[i] for i in rows], texts, completion_ids=ids,
+                        columns={c: [v[i] for i in rows] for c, v in row_columns.items()})  # fmt: skip
+        parts = {name: torch.tensor([math.nan if v is None else float(v) for v in values])
+                 for name, values in scores.parts.items()}  # fmt: skip
+        return torch.tensor(scores.total), parts
 
     def make_experience(rows: list[int]) -> Experience:
         batch, responses, mask, finished, texts = rollout([encoded[i] for i in rows], config.temperature)
@@ -653,7 +550,7 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
         before = evaluate()
         results.update({f"eval_{k.replace('/', '_')}_before": round(v, 4) for k, v in before.items() if k != "kl"})
         if is_main:
-            ctx.metrics.write({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+            ctx.metrics.log(EVAL, 0, **before)
 
     # ---- training ---------------------------------------------------------------------------------
     logger.info("ppo: %d steps × %d rollouts (%s actor, %s critic) on %d process(es), %s", total_steps, global_batch,
@@ -707,23 +604,25 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
         last_score = mean_score
 
         if step % config.logging_steps == 0 or step in (1, total_steps):
-            record: dict[str, Any] = {"step": step, "episodes": step * global_batch}
+            record: dict[str, Any] = {"episodes": step * global_batch}
             record.update({k: _mean(accelerator, v) for k, v in experience.stats.items()})
             record.update({k: _mean(accelerator, v / updates) for k, v in sums.items()})
             record.update({"kl_coef": kl_coef, "learning_rate": learning_rate, "step_time_s": step_time})
             if is_main:
-                ctx.metrics.write({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
-                shown = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "response": t,
-                          "score": round(float(s), 4)}
-                         for p, t, s in zip(experience.prompts, experience.texts, experience.stats["score"], strict=False)]
-                if config.num_sample_rollouts:
-                    ctx.metrics.write({"step": step, "rollouts": shown[: config.num_sample_rollouts]})
+                ctx.metrics.log(TRAIN, step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+                parts = {k.removeprefix("score/"): v for k, v in experience.stats.items() if k.startswith("score/")}
+                for i in range(min(config.num_sample_rollouts, len(experience))):
+                    prompt = experience.prompts[i]
+                    rewards = {"score": round(float(experience.stats["score"][i]), 4),
+                               **{k: round(float(v[i]), 4) for k, v in parts.items()}}
+                    ctx.metrics.log(SAMPLE, step, prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"],
+                                    completion=experience.texts[i], rewards=rewards)  # fmt: skip
                 logger.info("ppo step %d/%d: score %.3f kl %.3f %.2fs", step, total_steps, record["score"],
                             record["kl"], step_time)
         if eval_table is not None and config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
             evaluation = evaluate()
             if is_main:
-                ctx.metrics.write({"step": step, **{f"eval/{k}": v for k, v in evaluation.items()}})
+                ctx.metrics.log(EVAL, step, **evaluation)
     runtime = time.perf_counter() - started
 
     if eval_table is not None:
@@ -731,7 +630,7 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
         after = evaluate()
         results.update({f"eval_{k.replace('/', '_')}_after": round(v, 4) for k, v in after.items()})
         if is_main:
-            ctx.metrics.write({"step": total_steps, **{f"eval/{k}": v for k, v in after.items()}})
+            ctx.metrics.log(EVAL, total_steps, **after)
 
     # ---- save ---------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()

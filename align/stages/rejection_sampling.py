@@ -45,38 +45,34 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, PrivateAttr, model_validator
 
+from align.artifacts import StageContext
+from align.data import chat_prompt, load_dataset
+from align.generation import load_sampler
+from align.models import resolve_model_path
+from align.recipe.checks import CheckContext
 from align.recipe.errors import did_you_mean
-from align.recipe.schema import Data, Model, RewardSpec, StageConfig
-from align.recipe.validate import CheckContext
+from align.recipe.schema import Data, Model, RewardSpec, SamplingKnobs, StageConfig
+from align.rewards import REWARD_MODEL, Scorer, bind_rule, resolve_rule
+from align.training import SFT_LAYOUTS, sft_layout
 
 logger = logging.getLogger("align")
 
 ARTIFACTS = {"dataset": "dataset.jsonl", "rejected_prompts": "rejected_prompts.jsonl"}
 KeepPolicy = Literal["all_pass", "best_of_n", "top_k", "threshold"]
-REWARD_MODEL = "reward_model"
 PROVENANCE_COLUMNS = frozenset({"source", "source_model", "sample_index", "score", "scores"})
 #: Input columns the sample replaces: left in, SFT would train on the gold instead of the sample.
 REPLACED_COLUMNS = frozenset({"completion", "messages", "text"})
 
 
-class Config(StageConfig):
+class Config(StageConfig, SamplingKnobs):
     type: Literal["rejection_sampling"] = "rejection_sampling"
     dataset: Data = Field(description="Prompts (`prompt` column) plus the columns the rules read.")
     system_prompt: str | None = Field(default=None, description="Prepended to conversational prompts that lack one.")
     conversational: bool = Field(default=True, description="Plain-string prompts become a user message (chat template).")
 
-    # sampling (TRL's names)
+    # sampling (the shared sampler's settings, TRL's names) and how many prompts at a time
     num_generations: PositiveInt = Field(default=8, description="Completions sampled per prompt.")
-    temperature: float = Field(default=1.0, ge=0.0, description="0 = greedy (then num_generations must be 1).")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0, description="Sampling top-k; None/0 = off.")
-    max_completion_length: PositiveInt = 512
-    generation_batch_size: PositiveInt = Field(default=64, description="Sequences generated at once (HF path).")
     chunk_size: PositiveInt = Field(default=1024, description="Prompts sampled, scored and written per chunk (bounds memory).")
-    use_vllm: bool = False
-    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
-    vllm_tensor_parallel_size: PositiveInt = 1
-    vllm_max_model_length: PositiveInt | None = None
 
     # scoring
     rewards: list[RewardSpec] = Field(default_factory=list, description="Rule rewards, as in grpo.")
@@ -125,7 +121,7 @@ class Config(StageConfig):
 
 
 def reward_names(config: Config) -> list[str]:
-    return [r.name or r.rule.rsplit(":", 1)[-1] for r in config.rewards]
+    return [r.display_name for r in config.rewards]
 
 
 def check(config: Config, ctx: CheckContext) -> None:
@@ -133,11 +129,10 @@ def check(config: Config, ctx: CheckContext) -> None:
 
     ctx.require_columns(config.dataset, ("dataset",), {"prompt": "completions are sampled from it"})
     ctx.check_rewards(config.rewards, config.dataset)
+    ctx.check_model(config.reward_model, ("reward_model",))
+    ctx.check_sampling(config, config.num_generations, "num_generations")
     config._input_columns = ctx.dataset_columns(config.dataset, ("dataset",))
     names = reward_names(config)
-    for name, count in Counter(names).items():
-        if count > 1:
-            ctx.error(("rewards",), f"reward name '{name}' is used {count} times; give each a distinct `name`")
     scored = set(names) | ({REWARD_MODEL} if config.reward_model is not None else set())
     for key in config.thresholds:
         if key not in scored:
@@ -150,33 +145,17 @@ def check(config: Config, ctx: CheckContext) -> None:
                   "use score_threshold for a floor on the weighted score")
     if config.keep != "top_k" and "keep_k" in config.model_fields_set:
         ctx.error(("keep_k",), f"keep_k only applies to keep: top_k (keep is {config.keep})")
-    if config.temperature == 0.0 and config.num_generations > 1:
-        ctx.error(("num_generations",), "greedy decoding (temperature 0) gives one distinct sample; set temperature > 0")
     if config.language is not None and config.language not in LANGUAGES:
         ctx.error(("language",), f"unknown language '{config.language}'{did_you_mean(config.language, list(LANGUAGES))}")
     if config.mix_dataset is not None:
-        from align.training import SFT_LAYOUTS, sft_layout
-
         columns = ctx.dataset_columns(config.mix_dataset, ("mix_dataset",))
         if columns is not None and sft_layout(columns) not in SFT_LAYOUTS[:2]:
             ctx.error(("mix_dataset", "path"), f"mix dataset '{config.mix_dataset.path}' needs columns messages or "
                       f"prompt+completion; it has: {', '.join(sorted(columns))}")
-    if config.use_vllm and ctx.check_models:
-        from align.generation import vllm_available
-
-        if not vllm_available():
-            ctx.error(("use_vllm",), "vLLM is not installed (pip install 'align[vllm]'); set use_vllm: false to use HF generate")
     launcher = config.launcher or ctx.header.launcher
-    if launcher.type == "accelerate" and (launcher.num_processes or 1) > 1:
+    if launcher.type == "accelerate" and ctx.processes(config) > 1:
         ctx.error(("launcher",), "rejection_sampling runs in one process (launcher inprocess or subprocess); "
                   "spread a big model over GPUs with use_vllm and vllm_tensor_parallel_size")
-    if config.reward_model is not None and ctx.check_models:
-        from align.models import model_spec_problem
-        from align.recipe.schema import REFERENCE
-
-        spec = config.reward_model
-        if not REFERENCE.match(spec.name_or_path) and (problem := model_spec_problem(spec, ctx.base_dir)):
-            ctx.error(("reward_model", "name_or_path"), problem)
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -301,11 +280,6 @@ def resolved_thresholds(config: Config) -> dict[str, float]:
     return out
 
 
-def weighted_total(scores: Mapping[str, float | None], weights: Mapping[str, float]) -> float:
-    """Σ weight·score over the rewards that scored (None adds nothing, as in GRPO's weighted sum)."""
-    return sum(weights.get(name, 0.0) * value for name, value in scores.items() if value is not None)
-
-
 def mix_count(accepted: int, ratio: float) -> int:
     """Mixed-in rows so they are `ratio` of accepted + mixed: n = accepted·ratio / (1 − ratio)."""
     if ratio <= 0.0:
@@ -339,40 +313,24 @@ def _sft_pairs(dataset: Any) -> list[tuple[Any, Any]]:
     return pairs
 
 
-@dataclass
-class _Scorer:
-    """Rule rewards, the optional reward model and the language check over one chunk of samples."""
-
-    rules: list[Any]
-    weights: dict[str, float]
-    reward_model: Any = None
-    rm_tokenizer: Any = None
-    rm_batch_size: int = 32
-    language_rule: Any = None
-
-    def __call__(self, prompts: list[Any], rows: list[dict[str, Any]], samples: list[list[Any]],
-                 conversational: bool) -> list[list[Scored]]:  # fmt: skip
-        # One call per rule for the whole chunk: rules and the RM are far cheaper on big batches.
-        flat = [(i, s) for i, row_samples in enumerate(samples) for s in row_samples]
-        texts = [s.text for _, s in flat]
-        completions = [_completion_value(t, conversational) for t in texts]
-        flat_prompts = [prompts[i] for i, _ in flat]
-        columns = {c: [rows[i][c] for i, _ in flat] for c in rows[0] if c != "prompt"} if rows else {}
-        ids = [s.token_ids for _, s in flat]
-        per_rule = {rule.__name__: rule(completions, prompts=flat_prompts, completion_ids=ids, **columns) for rule in self.rules}
-        if self.reward_model is not None:
-            from align.models import score_with_reward_model
-
-            per_rule[REWARD_MODEL] = score_with_reward_model(
-                self.reward_model, self.rm_tokenizer, flat_prompts, texts, batch_size=self.rm_batch_size
-            )
-        language = self.language_rule(completions) if self.language_rule is not None else [None] * len(flat)
-        scored: list[list[Scored]] = [[] for _ in samples]
-        for k, (i, s) in enumerate(flat):
-            scores = {name: values[k] for name, values in per_rule.items()}
-            scored[i].append(Scored(len(scored[i]), s.text, len(s.token_ids), s.finished, scores,
-                                    weighted_total(scores, self.weights), language[k]))  # fmt: skip
-        return scored
+def score_samples(scorer: Scorer, language_rule: Any, prompts: list[Any], rows: list[dict[str, Any]],
+                  samples: list[list[Any]]) -> list[list[Scored]]:  # fmt: skip
+    """Every sample of a chunk scored at once (rules and reward models are far cheaper on big
+    batches), plus its language share when the language filter is on; grouped back by prompt."""
+    flat = [(i, s) for i, row_samples in enumerate(samples) for s in row_samples]
+    flat_prompts = [prompts[i] for i, _ in flat]
+    columns = {c: [rows[i][c] for i, _ in flat] for c in rows[0] if c != "prompt"} if rows else {}
+    scores = scorer(flat_prompts, [s.text for _, s in flat], completion_ids=[s.token_ids for _, s in flat], columns=columns)
+    if language_rule is not None:
+        conversational = bool(prompts) and not isinstance(prompts[0], str)
+        language = language_rule([_completion_value(s.text, conversational) for _, s in flat])
+    else:
+        language = [None] * len(flat)
+    scored: list[list[Scored]] = [[] for _ in samples]
+    for k, (i, s) in enumerate(flat):
+        parts = {name: values[k] for name, values in scores.parts.items()}
+        scored[i].append(Scored(len(scored[i]), s.text, len(s.token_ids), s.finished, parts, scores.total[k], language[k]))
+    return scored
 
 
 @dataclass
@@ -423,34 +381,10 @@ class _Tally:
         }  # fmt: skip
 
 
-def _build_scorer(config: Config, ctx: Any) -> _Scorer:
-    from align.models import device, load_sequence_classifier, load_tokenizer
-    from align.rewards import bind_rule, resolve_rule
-
-    names = reward_names(config)
-    scorer = _Scorer(
-        rules=[bind_rule(resolve_rule(r.rule, ctx.base_dir), r.params, n, timeout_s=r.timeout_s)
-               for r, n in zip(config.rewards, names, strict=True)],
-        weights={**{n: r.weight for r, n in zip(config.rewards, names, strict=True)}, REWARD_MODEL: config.reward_model_weight},
-        rm_batch_size=config.reward_model_batch_size,
-    )  # fmt: skip
-    if config.reward_model is not None:
-        scorer.reward_model = load_sequence_classifier(config.reward_model).requires_grad_(False).eval().to(device())
-        scorer.rm_tokenizer = load_tokenizer(config.reward_model, padding_side="right")
-    if config.language is not None:
-        params = {"language": config.language, **config.language_params}
-        scorer.language_rule = bind_rule(resolve_rule("language_consistency"), params, "language")
-    return scorer
-
-
-def run(config: Config, ctx: Any) -> dict[str, Any]:
+def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     import json
     import os
     import random
-
-    from align.data import chat_prompt, load_dataset
-    from align.generation import make_sampler
-    from align.models import device, load_causal_lm, load_tokenizer, resolve_model_path
 
     assert config.model is not None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -460,17 +394,14 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
     model_spec = config.model
     dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
     rules = KeepRules.from_config(config)
-    scorer = _build_scorer(config, ctx)
+    scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
+                          reward_model_batch_size=config.reward_model_batch_size)  # fmt: skip
+    language_rule = None
+    if config.language is not None:
+        language_rule = bind_rule(resolve_rule("language_consistency"), {"language": config.language,
+                                                                           **config.language_params}, "language")
     source_model = resolve_model_path(model_spec.name_or_path, ctx.base_dir)
-    tokenizer = load_tokenizer(model_spec, padding_side="left")
-    sample = make_sampler(
-        source_model, tokenizer, use_vllm=config.use_vllm, seed=ctx.seed,
-        vllm_kwargs={"gpu_memory_utilization": config.vllm_gpu_memory_utilization,
-                     "tensor_parallel_size": config.vllm_tensor_parallel_size,
-                     "max_model_len": config.vllm_max_model_length,
-                     "dtype": model_spec.dtype, "trust_remote_code": model_spec.trust_remote_code},
-        load_model=lambda: load_causal_lm(model_spec).to(device()),
-    )  # fmt: skip
+    sample = load_sampler(model_spec, config, seed=ctx.seed)
     columns = [c for c in dataset.column_names if c != "prompt" and c not in REPLACED_COLUMNS | PROVENANCE_COLUMNS]
     tally = _Tally()
     generation_s = 0.0
@@ -485,13 +416,10 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
             prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
             conversational = not isinstance(prompts[0], str)
             began = time.perf_counter()
-            samples = sample(
-                prompts, num_samples=config.num_generations, max_new_tokens=config.max_completion_length,
-                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                batch_size=config.generation_batch_size, seed=ctx.seed + chunk_no,
-            )  # fmt: skip
+            samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed + chunk_no)
             generation_s += time.perf_counter() - began
-            for prompt, row, scored in zip(prompts, rows, scorer(prompts, rows, samples, conversational), strict=True):
+            chunk = score_samples(scorer, language_rule, prompts, rows, samples)
+            for prompt, row, scored in zip(prompts, rows, chunk, strict=True):
                 kept, dropped = judge(scored, rules)
                 tally.add(scored, kept, dropped, row.get("difficulty"))
                 original = {c: row[c] for c in columns}
@@ -525,18 +453,18 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
                 mixed += 1
 
     metrics = tally.metrics(len(dataset), mixed, generation_s)
-    for rule in scorer.rules:
-        if rule.failures:
-            metrics[f"{rule.__name__}_failures"] = rule.failures
-            logger.warning("rejection_sampling: rule %s scored None on %d samples (%s)", rule.__name__, rule.failures,
-                           rule.stats.last_error)  # fmt: skip
+    last_errors = scorer.last_errors()
+    for name, failures in scorer.failures().items():
+        if failures:
+            metrics[f"{name}_failures"] = failures
+            logger.warning("rejection_sampling: rule %s scored None on %d samples (%s)", name, failures,
+                           last_errors.get(name))  # fmt: skip
     if tally.accepted + mixed == 0:
         # An empty dataset would only fail later, inside the next stage's data loading.
         raise RuntimeError(f"none of {tally.generated} samples passed (dropped: {dict(tally.dropped)}); "
                            f"{ARTIFACTS['rejected_prompts']} has each prompt's best score and drop reasons")
     if tally.accepted == 0:
         logger.warning("rejection_sampling: no sample passed; the dataset holds only mixed-in rows")
-    ctx.metrics.write(metrics)
     logger.info("rejection_sampling: kept %d of %d samples (%.1f %%), %d prompts with none, %d rows mixed in",
                 tally.accepted, tally.generated, 100 * metrics["acceptance_rate"], tally.zero, mixed)  # fmt: skip
     return metrics

@@ -30,18 +30,21 @@ import logging
 import math
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
 
-from align.recipe.schema import Data, LoraSpec, StageConfig, TrainingKnobs
-from align.recipe.validate import CheckContext
+from align.artifacts import EVAL, StageContext
+from align.data import load_dataset, with_system_prompt
+from align.models import load_tokenizer, load_trainable
+from align.recipe.checks import CheckContext
+from align.recipe.schema import Data, LoraSpec, TrlStageConfig
+from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
 
 logger = logging.getLogger("align")
 
 ARTIFACTS = {"model": "model"}
 
 
-class Config(StageConfig, TrainingKnobs):
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+class Config(TrlStageConfig):
     trl_config_class: ClassVar[str | None] = "trl:RewardConfig"
 
     type: Literal["reward_model"] = "reward_model"
@@ -76,11 +79,7 @@ def check(config: Config, ctx: CheckContext) -> None:
                 f"dataset '{spec.path}' needs columns chosen+rejected (pairs) or prompt+{config.ranking_column} "
                 f"(rankings, best first); it has: {', '.join(sorted(columns))}",
             )
-    if config.lora is not None and config.lora.load_in_4bit and ctx.check_models:
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            ctx.error(("lora", "load_in_4bit"), "QLoRA needs the 'bitsandbytes' package (and a GPU)")
+    ctx.check_lora(config.lora)
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -122,8 +121,6 @@ def expand_rankings(
 def _prepare(dataset: Any, config: Config) -> Any:
     """Pairs with only the columns TRL reads (and `weight`), rankings expanded, system prompt added."""
     from datasets import Dataset
-
-    from align.generation import with_system_prompt
 
     layout = _layout(set(dataset.column_names), config.ranking_column)
     if layout == "rankings":
@@ -208,26 +205,21 @@ def pairwise_metrics(trainer: Any) -> dict[str, Any]:
     }
 
 
-def run(config: Config, ctx: Any) -> dict[str, Any]:
-    from align.data import load_dataset
-    from align.models import load_sequence_classifier, load_tokenizer, peft_config
-    from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
-
+def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     assert config.model is not None
     train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), config)
     evaluation = _prepare(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed), config) if config.eval_dataset else None
     tokenizer = load_tokenizer(config.model, padding_side="right")
-    model = load_sequence_classifier(config.model)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    trainable = load_trainable(config.model, config.lora, task="sequence_classification")
+    trainable.model.config.pad_token_id = tokenizer.pad_token_id
     work_dir = ctx.artifact("trainer")
-    args = trl_config(config, work_dir)
     trainer = _weighted_trainer(
-        model=model,
-        args=args,
+        model=trainable.model,
+        args=trl_config(config, work_dir),
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
-        peft_config=peft_config(config.lora, task_type="SEQ_CLS") if config.lora else None,
+        peft_config=trainable.peft_config,
         callbacks=[metrics_callback(ctx.metrics)],
     )
     logger.info("reward_model: %d pairs, %s", len(train), "LoRA" if config.lora else "full fine-tune")
@@ -236,7 +228,7 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
     if evaluation is not None:
         held_out = pairwise_metrics(trainer)
         metrics.update(held_out)
-        ctx.metrics.write({"step": int(trainer.state.global_step), **held_out})
+        if trainer.is_world_process_zero():
+            ctx.metrics.log(EVAL, int(trainer.state.global_step), **held_out)
     save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
     return metrics
-

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from align.artifacts import read_metrics
 from align.recipe.validate import load_recipe
 from align.runner import run_recipe
 from tests.recipe_problems import recipe_problems
@@ -41,7 +41,7 @@ def problems(tmp_path: Path, *overrides: str, text: str = RECIPE) -> dict[str, s
         ("stages.grpo.rewards=[{rule: acuracy}]", "stages[0].rewards[0].rule", "Did you mean 'accuracy'?"),
         ("stages.grpo.rewards=[{rule: format, params: {think_tagg: t}}]", "stages[0].rewards[0].params", "think_tag"),
         ("stages.grpo.rewards=[{rule: format, params: {prefilled_think: maybe}}]", "stages[0].rewards[0].params", "prefilled_think"),
-        ("stages.grpo.rewards=[]", "stages[0].rewards", "at least 1 item"),
+        ("stages.grpo.rewards=[]", "stages[0]", "GRPO needs a reward"),
         ("stages.grpo.num_generations=3", "stages[0].per_device_train_batch_size", "divisible by num_generations (3)"),
         ("stages.grpo.num_generations=1", "stages[0].num_generations", "greater than or equal to 2"),
         ("stages.grpo.loss_type=ppo", "stages[0].loss_type", "'dapo'"),
@@ -88,13 +88,12 @@ def test_short_grpo_run_logs_rewards_and_saves_a_loadable_model(tmp_path: Path) 
     assert record.metrics["steps"] == 3
     assert record.metrics["accuracy_failures"] == 0 and record.metrics["format_failures"] == 0
     stage_dir = tmp_path / "run" / "grpo"
-    logged = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [row for row in logged if "reward" in row]
-    assert len(steps) == 3
+    steps = [row for row in read_metrics(stage_dir / "metrics.jsonl", "train") if "reward" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3]
     for key in ("rewards/accuracy/mean", "rewards/format/mean", "reward_std", "frac_reward_zero_std", "entropy",
                 "completions/mean_length", "clip_ratio/region_mean"):
         assert key in steps[0], key
-    samples = [json.loads(line) for line in (stage_dir / "samples.jsonl").read_text().splitlines()]
+    samples = read_metrics(stage_dir / "metrics.jsonl", "sample")
     assert samples and set(samples[0]["rewards"]) == {"accuracy", "format"}
     assert samples[0]["prompt"].startswith("What is")
     AutoModelForCausalLM.from_pretrained(stage_dir / "model")

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from align.artifacts import read_metrics
 from align.recipe.errors import RecipeError
 from align.recipe.validate import load_recipe, load_recipe_text
 from align.runner import run_recipe
@@ -50,12 +51,12 @@ def run_ppo(tmp_path: Path, *overrides: str) -> tuple[dict[str, Any], Path, list
     record = manifest.record("ppo")
     assert record.status == "complete", record.error
     stage_dir = tmp_path / "run" / "ppo"
-    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(stage_dir / "metrics.jsonl")
     return record.metrics, tmp_path / "run" / record.artifacts["model"], rows
 
 
 def step_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if "policy_loss" in r]
+    return [r for r in rows if r["kind"] == "train"]
 
 
 def test_smoke_run_writes_loadable_checkpoint_and_finite_metrics(tmp_path: Path) -> None:
@@ -79,10 +80,12 @@ def test_smoke_run_writes_loadable_checkpoint_and_finite_metrics(tmp_path: Path)
     first = steps[0]
     expected = first["score/reward_model"] + 0.5 * first["score/format"] - first["no_eos"]
     assert first["score"] == pytest.approx(expected, abs=1e-4)
-    samples = [r["rollouts"] for r in rows if "rollouts" in r]
-    assert len(samples) == 3 and all(len(s) == 2 and {"prompt", "response", "score"} <= set(s[0]) for s in samples)
-    evals = [r for r in rows if "eval/score" in r]
-    assert [r["step"] for r in evals] == [0, 3] and evals[0]["eval/kl"] == 0.0
+    samples = [r for r in rows if r["kind"] == "sample"]
+    assert [r["step"] for r in samples] == [1, 1, 2, 2, 3, 3]
+    assert all({"prompt", "completion", "rewards"} <= set(r) for r in samples)
+    assert set(samples[0]["rewards"]) == {"score", "reward_model", "format"}
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3] and evals[0]["kl"] == 0.0
     assert {"eval_score_before", "eval_score_after", "eval_kl_after"} <= set(metrics)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -235,7 +238,7 @@ stages:
   - name: ppo
     type: ppo
     reward_model: align:tiny
-    dataset: {path: "align:arithmetic", split: train}
+    dataset: {path: "align:arithmetic", split: train, num_examples: 16}
 """
 
 
@@ -271,7 +274,7 @@ def test_rule_columns_are_required_of_both_datasets(tmp_path: Path) -> None:
     prompts_only = tmp_path / "prompts.jsonl"
     prompts_only.write_text(json.dumps({"prompt": "What is 1+1?"}) + "\n")
     text = BAD + "    rewards: [{rule: accuracy}]\n    eval_dataset: {path: EVAL}\n"
-    load_recipe_text(text.replace("EVAL", '"align:arithmetic"'))  # prompt + solution: fine
+    load_recipe_text(text.replace("EVAL", '"align:arithmetic", num_examples: 8'))  # prompt + solution: fine
     with pytest.raises(RecipeError) as caught:
         load_recipe_text(text.replace("EVAL", str(prompts_only)))
     problems = {".".join(map(str, p.path)): p.message for p in caught.value.problems}

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from align.recipe.validate import load_recipe
+from align.rewards import weighted_total
 from align.runner import run_recipe
 from align.stages.rejection_sampling import (
     KeepRules,
@@ -19,7 +20,6 @@ from align.stages.rejection_sampling import (
     mix_count,
     passes_all,
     select_samples,
-    weighted_total,
 )
 from tests.recipe_problems import recipe_problems
 
@@ -349,13 +349,9 @@ def reward_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_reward_model_scores_pick_the_best_of_n(tmp_path: Path, reward_model_dir: Path) -> None:
-    from align.models import (
-        load_sequence_classifier,
-        load_tokenizer,
-        reward_model_reward,
-        score_with_reward_model,
-    )
+    from align.models import load_sequence_classifier, load_tokenizer
     from align.recipe.schema import ModelSpec
+    from align.rewards import RewardModelReward, score_with_reward_model
 
     (tmp_path / "recipe.yaml").write_text(RM_RUN.replace("REWARD_MODEL", str(reward_model_dir)))
     manifest = run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run", report=lambda _: None)
@@ -371,9 +367,9 @@ def test_reward_model_scores_pick_the_best_of_n(tmp_path: Path, reward_model_dir
     for row, score in zip(rows, rescored, strict=True):
         assert row["scores"]["reward_model"] == pytest.approx(score, abs=1e-4)
         assert row["score"] == pytest.approx(2.0 * score, abs=1e-4)  # format has weight 0
-    # the same reward model as a rule (what GRPO uses), loaded by path
-    as_rule = reward_model_reward([r["completion"] for r in rows], model=str(reward_model_dir), prompts=prompts)
-    assert as_rule == pytest.approx(rescored, abs=1e-4)
+    # the same reward model as a TRL reward function (what GRPO gets from the scorer), loaded by path
+    as_reward = RewardModelReward.load(spec)([r["completion"] for r in rows], prompts=prompts)
+    assert as_reward == pytest.approx(rescored, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,9 +383,9 @@ def test_vllm_generation_keeps_the_sample_contract(monkeypatch: pytest.MonkeyPat
     from dataclasses import dataclass as dc
 
     from align.embedded import embedded_model_path
-    from align.generation import encode_prompts, make_sampler
+    from align.generation import encode_prompts, load_sampler
     from align.models import load_tokenizer
-    from align.recipe.schema import ModelSpec
+    from align.recipe.schema import ModelSpec, SamplingKnobs
 
     @dc
     class Output:
@@ -415,9 +411,11 @@ def test_vllm_generation_keeps_the_sample_contract(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
     path = str(embedded_model_path("align:tiny"))
     tokenizer = load_tokenizer(ModelSpec(name_or_path=path))
-    sample = make_sampler(path, tokenizer, use_vllm=True, seed=3, vllm_kwargs={"tensor_parallel_size": 2})
+    knobs = SamplingKnobs(use_vllm=True, vllm_tensor_parallel_size=2, max_completion_length=5, temperature=0.7, top_p=0.9)
+    sample = load_sampler(ModelSpec(name_or_path=path), knobs, seed=3)
+    assert sample.model is None  # no HF copy of the model next to the engine
     prompts = [[{"role": "user", "content": "What is 1+2?"}], [{"role": "user", "content": "What is 10+20?"}]]
-    out = sample(prompts, num_samples=2, max_new_tokens=5, temperature=0.7, top_p=0.9, batch_size=64, seed=3)
+    out = sample(prompts, num_samples=2, seed=3)
     assert [[s.text for s in row] for row in out] == [["r0s0", "r0s1"], ["r1s0", "r1s1"]]
     assert [[s.finished for s in row] for row in out] == [[False, True], [False, True]]
     # prompts go in as the same token ids the HF path uses; sampling settings map to vLLM's names

@@ -3,7 +3,6 @@ synthetic preferences that beats chance on held-out pairs, LoRA + rankings, and 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from align.artifacts import read_metrics
 from align.recipe.errors import RecipeError
 from align.recipe.validate import load_recipe, load_recipe_text
 from align.runner import run_recipe
@@ -129,8 +129,8 @@ def test_reward_model_learns_synthetic_preferences_and_reloads(tmp_path: Path) -
     assert metrics["eval_pairs"] == 96
     assert metrics["eval_accuracy"] >= 0.8  # chance is 0.5; format flaws are easy to see
     assert metrics["eval_margin"] > 0
-    logged = [json.loads(line) for line in (model_dir.parent / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1]["eval_accuracy"] == metrics["eval_accuracy"]
+    (held_out,) = read_metrics(model_dir.parent / "metrics.jsonl", "eval")
+    assert held_out["eval_accuracy"] == metrics["eval_accuracy"] and held_out["step"] == metrics["steps"]
 
     # The artifact is a plain sequence-classification checkpoint that ranks held-out pairs the same way.
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
@@ -176,14 +176,14 @@ stages:
 
 def test_data_without_pairs_or_rankings_is_rejected_at_its_key() -> None:
     with pytest.raises(RecipeError) as caught:
-        load_recipe_text(BAD.replace("DATA", '{path: "align:arithmetic", split: train}'))
+        load_recipe_text(BAD.replace("DATA", '{path: "align:arithmetic", split: train, num_examples: 8}'))
     problems = {".".join(map(str, p.path)): p.message for p in caught.value.problems}
     assert list(problems) == ["stages.0.dataset.path"]
     assert "chosen+rejected" in problems["stages.0.dataset.path"] and "prompt+ranking" in problems["stages.0.dataset.path"]
 
 
 def test_unknown_and_mistyped_keys_are_rejected() -> None:
-    text = BAD.replace("DATA", '"align:arithmetic-preferences"')
+    text = BAD.replace("DATA", '{path: "align:arithmetic-preferences", num_examples: 8}')
     with pytest.raises(RecipeError) as caught:
         load_recipe_text(text + "    pair_weighting: per_group\n    center_rewards_coefficient: lots\n    marign: 1\n")
     problems = {".".join(map(str, p.path)): p.message for p in caught.value.problems}

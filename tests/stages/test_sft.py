@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from align.artifacts import read_metrics
 from align.recipe.validate import load_recipe
 from align.runner import run_recipe
 
@@ -60,8 +61,10 @@ def test_full_finetune_lowers_loss_and_reloads(tmp_path: Path) -> None:
     trained = AutoModelForCausalLM.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(embedded_model_path("align:tiny"))
     assert loss_on(trained, tokenizer) < 0.8 * loss_on(base, tokenizer)
-    log = (model_dir.parent / "metrics.jsonl").read_text().splitlines()
-    assert len(log) >= 6  # one line per logging step plus the summary
+    rows = read_metrics(model_dir.parent / "metrics.jsonl")
+    train_rows = [r for r in rows if r["kind"] == "train" and "loss" in r]
+    assert len(train_rows) >= 4 and all("epoch" in r and r["step"] > 0 for r in train_rows)
+    assert rows[-1]["kind"] == "summary" and rows[-1]["steps"] == rows[-1]["step"] == 24
     assert not (model_dir.parent / "trainer").exists()  # scratch checkpoints are not left behind
 
 

@@ -1,0 +1,93 @@
+"""Inside a stage's process: read the config the orchestrator validated and resolved, run the stage
+into its scratch folder, and write its result. The same code runs in-process, in a fresh Python
+(`python -m align.execute SCRATCH_DIR`) and on every rank under `accelerate launch`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from align import artifacts as art
+from align.recipe.schema import StageConfig
+from align.stages import stage_module
+
+logger = logging.getLogger("align")
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def error_file(out_dir: Path, process_rank: int) -> Path:
+    """Where a failed rank leaves its error line, for the orchestrator's manifest and console."""
+    return out_dir / f"error.rank{process_rank}.txt"
+
+
+def rank_errors(out_dir: Path) -> list[str]:
+    """The error lines failed ranks left, as `rank N: Error: message`."""
+    found = sorted(out_dir.glob("error.rank*.txt"), key=lambda p: int(p.stem.removeprefix("error.rank")))
+    return [f"rank {p.stem.removeprefix('error.rank')}: {p.read_text(encoding='utf-8').strip()}" for p in found]
+
+
+def write_stage_config(out_dir: Path, config: dict[str, Any], base_dir: Path) -> None:
+    """What the orchestrator hands a stage: its config, validated, with references and paths resolved."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    art.write_json_atomic(out_dir / art.STAGE_CONFIG, {"base_dir": str(base_dir.resolve()), "config": config})
+
+
+def read_stage_config(out_dir: Path) -> tuple[StageConfig, Path]:
+    raw = json.loads((out_dir / art.STAGE_CONFIG).read_text(encoding="utf-8"))
+    config = raw["config"]
+    return stage_module(config["type"]).Config.model_validate(config), Path(raw["base_dir"])
+
+
+def execute_stage(out_dir: Path) -> dict[str, Any]:
+    """Run the stage whose config is in `out_dir` (its scratch folder) and write its result there.
+    On failure the whole traceback goes into the stage's log.txt and the error line into
+    `error.rank<N>.txt`; the exception propagates."""
+    config, base_dir = read_stage_config(out_dir)
+    module = stage_module(config.type)
+    log_path = out_dir / art.LOG
+    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        ctx = art.StageContext(out_dir.parent, out_dir, base_dir, config.seed or 0, art.MetricsWriter(out_dir / art.METRICS))
+        metrics = module.run(config, ctx) or {}
+        if rank() == 0:
+            ctx.metrics.log(art.SUMMARY, int(metrics.get("steps", 0)), **metrics)
+            art.write_json_atomic(out_dir / art.RESULT, {"metrics": metrics, "artifacts": dict(module.ARTIFACTS)})
+        return metrics
+    except BaseException as err:
+        root.removeHandler(handler)
+        with log_path.open("a", encoding="utf-8") as log:
+            log.write(f"stage '{config.name}' failed on rank {rank()}:\n{''.join(traceback.format_exception(err))}")
+        error_file(out_dir, rank()).write_text(f"{type(err).__name__}: {err}\n", encoding="utf-8")
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry of a stage's own process: `python -m align.execute SCRATCH_DIR`."""
+    parser = argparse.ArgumentParser(prog="align.execute", description="run one prepared stage")
+    parser.add_argument("stage_dir", type=Path, help="the stage's scratch folder, holding stage_config.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("ALIGN_LOG_LEVEL", "INFO"), format="%(message)s")
+    try:
+        execute_stage(args.stage_dir)
+    except Exception:
+        sys.exit(1)  # the traceback is in the stage's log.txt; the orchestrator shows its tail
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Recipes: YAML with locations (`loader`), overrides, typed schemas, errors, whole-recipe validation."""

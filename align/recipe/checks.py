@@ -1,0 +1,151 @@
+"""What a stage's own `check(config, ctx)` sees while a recipe is validated: its place in the recipe,
+the stages before it, and the checks every stage type shares (dataset columns, rules, models, LoRA,
+sampling), each turning a finding into a located `Problem`."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from align.recipe.errors import KeyPath, Problem
+from align.recipe.loader import LocatedYAML
+from align.recipe.schema import (
+    REFERENCE,
+    DataSpec,
+    LoraSpec,
+    ModelSpec,
+    RecipeHeader,
+    RewardSpec,
+    SamplingKnobs,
+    StageConfig,
+)
+
+
+@dataclass
+class CheckContext:
+    """One stage's view of the recipe during validation. `earlier_columns` holds, for every stage
+    before this one, the columns of the dataset it writes (None: not known before running)."""
+
+    located: LocatedYAML
+    base_dir: Path
+    index: int
+    header: RecipeHeader
+    earlier: dict[str, StageConfig]
+    earlier_columns: dict[str, set[str] | None] = field(default_factory=dict)
+    check_files: bool = True
+    check_models: bool = True
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> KeyPath:
+        return ("stages", self.index)
+
+    def error(self, rel_path: KeyPath, message: str) -> None:
+        path = (*self.prefix, *rel_path)
+        self.problems.append(Problem(path, message, self.located.line_of(path)))
+
+    def model_spec(self, stage: StageConfig) -> ModelSpec:
+        return stage.model or self.header.model
+
+    def processes(self, stage: StageConfig) -> int:
+        """How many processes the stage's launcher starts (1 unless it says otherwise)."""
+        launcher = stage.launcher or self.header.launcher
+        return launcher.num_processes or 1
+
+    # ---- data -------------------------------------------------------------------------------------
+
+    def dataset_columns(self, spec: DataSpec, rel_path: KeyPath) -> set[str] | None:
+        """Columns of a dataset, or None when they cannot be known before running (hub datasets)."""
+        from align import data
+
+        ref = REFERENCE.match(spec.path)
+        if ref:
+            columns = self.earlier_columns.get(ref.group(1))
+            return _renamed(columns, spec.columns) if columns is not None else None
+        for message in data.spec_problems(spec, self.base_dir if self.check_files else None):
+            self.error((*rel_path, *message[0]), message[1])
+        if not self.check_files:
+            return None
+        try:
+            columns = data.probe_columns(spec, self.base_dir)
+        except data.DataError as err:
+            self.error((*rel_path, "path"), str(err))
+            return None
+        return _renamed(columns, spec.columns) if columns is not None else None
+
+    def require_columns(self, spec: DataSpec, rel_path: KeyPath, needed: dict[str, str]) -> None:
+        """`needed` maps column → why it is needed; reports the ones the data lacks."""
+        columns = self.dataset_columns(spec, rel_path)
+        if columns is None:
+            return
+        for column, why in needed.items():
+            if column not in columns:
+                self.error(
+                    (*rel_path, "path"),
+                    f"dataset '{spec.path}' has no column '{column}' ({why}); it has: {', '.join(sorted(columns))}",
+                )
+
+    # ---- rewards ----------------------------------------------------------------------------------
+
+    def rule_columns(self, rewards: list[RewardSpec]) -> dict[str, str]:
+        """Dataset columns the rules read, column → why (rules that do not resolve are left out)."""
+        from align.rewards import RuleResolutionError, resolve_rule, rule_signature
+
+        needed: dict[str, str] = {}
+        for spec in rewards:
+            try:
+                fn = resolve_rule(spec.rule, self.base_dir)
+            except RuleResolutionError:
+                continue
+            for column in rule_signature(fn).columns:
+                needed.setdefault(column, f"reward rule '{spec.rule}' reads it")
+        return needed
+
+    def check_rewards(self, rewards: list[RewardSpec], dataset: DataSpec | None, rel_path: KeyPath = ("rewards",)) -> None:
+        """Each rule resolves, its parameters fit its signature, and the dataset has its columns."""
+        from align.rewards import RuleResolutionError, check_rule_params, resolve_rule
+
+        for i, spec in enumerate(rewards):
+            try:
+                fn = resolve_rule(spec.rule, self.base_dir)
+            except RuleResolutionError as err:
+                self.error((*rel_path, i, "rule"), str(err))
+                continue
+            for message in check_rule_params(fn, spec.params):
+                self.error((*rel_path, i, "params"), message)
+        names = [spec.display_name for spec in rewards]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            self.error(rel_path, f"reward name '{name}' is used {names.count(name)} times; give each a distinct `name`")
+        needed = self.rule_columns(rewards)
+        if dataset is not None and needed:
+            self.require_columns(dataset, ("dataset",), needed)
+
+    # ---- models -----------------------------------------------------------------------------------
+
+    def check_model(self, spec: ModelSpec | None, rel_path: KeyPath) -> None:
+        """A model field other than the stage's `model` (reward_model, teacher, …) can be loaded."""
+        from align.models import model_spec_problem
+
+        if spec is None or not self.check_models or REFERENCE.match(spec.name_or_path):
+            return
+        if problem := model_spec_problem(spec, self.base_dir):
+            self.error((*rel_path, "name_or_path"), problem)
+
+    def check_lora(self, lora: LoraSpec | None, rel_path: KeyPath = ("lora",)) -> None:
+        if lora is not None and lora.load_in_4bit and self.check_models and importlib.util.find_spec("bitsandbytes") is None:
+            self.error((*rel_path, "load_in_4bit"), "QLoRA needs the 'bitsandbytes' package (and a GPU)")
+
+    def check_sampling(self, knobs: SamplingKnobs, samples_per_prompt: int, count_key: str) -> None:
+        """The shared sampler settings: several samples need temperature > 0; vLLM must be installed."""
+        if knobs.temperature == 0.0 and samples_per_prompt > 1:
+            self.error((count_key,), "greedy decoding (temperature 0) gives one distinct sample; set temperature > 0")
+        self.check_vllm(knobs.use_vllm)
+
+    def check_vllm(self, use_vllm: bool) -> None:
+        if use_vllm and self.check_models and importlib.util.find_spec("vllm") is None:
+            self.error(("use_vllm",), "vLLM is not installed (pip install 'align[vllm]'); set use_vllm: false to use HF generate")
+
+
+def _renamed(columns: set[str], renames: dict[str, str]) -> set[str]:
+    return {renames.get(c, c) for c in columns}
