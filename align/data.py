@@ -73,12 +73,14 @@ def _first_rows_columns(path: Path) -> set[str]:
 
 def _embedded_maker(path: str) -> Callable[..., Any] | None:
     """The generator of an embedded dataset name (a task, or preferences over one), else None."""
-    from align.embedded import preferences, tasks
+    from align.embedded import corpus, preferences, tasks
 
     if tasks.is_embedded_task(path):
         return tasks.make_task_dataset
     if preferences.is_preference_task(path):
         return preferences.make_preference_dataset
+    if corpus.is_corpus_task(path):
+        return corpus.make_corpus_dataset
     return None
 
 

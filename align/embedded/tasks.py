@@ -7,6 +7,10 @@ Rows are conversational and TRL-compatible:
 * ``solution``: the gold answer as a string (``"85"``);
 * ``difficulty``: the number of carries (addition) or borrows (subtraction) the problem needs.
 
+With ``prompt_template`` (a string holding ``{question}``) the rows are raw text instead: ``prompt`` is
+the template with the question filled in and ``completion`` the plain completion string, for stages
+that generate from a raw prompt (``conversational: false``), as R1-Zero prompted its base model.
+
 Train and test never share a problem: the split of a problem is decided by a hash of its canonical
 form (operands sorted for ``+``), not by sampling order, so any number of rows drawn with any seed
 from ``train`` never contains a ``test`` problem, ``47+38`` and ``38+47`` included.
@@ -47,6 +51,8 @@ DEFAULT_MAX_OPERAND = 99
 DEFAULT_NUM_OPERANDS = 2
 DEFAULT_OPS = "+"
 DEFAULT_TRACE = "columns"
+#: Where ``prompt_template`` puts the question.
+QUESTION_FIELD = "{question}"
 
 
 def is_embedded_task(name: str) -> bool:
@@ -219,6 +225,7 @@ def make_task_dataset(
     ops: str = DEFAULT_OPS,
     trace: str = DEFAULT_TRACE,
     system_prompt: str | None = None,
+    prompt_template: str | None = None,
 ) -> Dataset:
     """``num_examples`` rows of an embedded task for ``split`` (``"train"`` or ``"test"``).
 
@@ -233,6 +240,11 @@ def make_task_dataset(
     if num_examples < 0:
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
     _validate(min_operand, max_operand, num_operands, ops, trace)
+    if prompt_template is not None:
+        if QUESTION_FIELD not in prompt_template:
+            raise ValueError(f"prompt_template must contain {QUESTION_FIELD} (where the question goes)")
+        if system_prompt:
+            raise ValueError("prompt_template makes raw-text prompts, which have no system message: write it into the template")
 
     rng = random.Random(f"{name}|{split}|{seed}")
     problems = _sample_problems(rng, split, num_examples, min_operand, max_operand, num_operands, ops)
@@ -240,8 +252,17 @@ def make_task_dataset(
     rows: dict[str, list[Any]] = {"prompt": [], "completion": [], "solution": [], "difficulty": []}
     for op, operands in problems:
         problem = _problem(operands, op, trace)
-        rows["prompt"].append([*system, {"role": "user", "content": problem["prompt_text"]}])
-        rows["completion"].append([{"role": "assistant", "content": problem["completion_text"]}])
+        prompt: Any
+        completion: Any
+        if prompt_template is not None:
+            # str.replace, not str.format: a template may hold other braces (\boxed{}).
+            prompt = prompt_template.replace(QUESTION_FIELD, problem["prompt_text"])
+            completion = problem["completion_text"]
+        else:
+            prompt = [*system, {"role": "user", "content": problem["prompt_text"]}]
+            completion = [{"role": "assistant", "content": problem["completion_text"]}]
+        rows["prompt"].append(prompt)
+        rows["completion"].append(completion)
         rows["solution"].append(problem["solution"])
         rows["difficulty"].append(problem["difficulty"])
     return Dataset.from_dict(rows)
