@@ -94,13 +94,18 @@ def render(style: str, operands: list[int], header: str | None = None) -> str:
     if style == "equation":
         return f"{expression}={value}."
     steps = _column_trace_add(operands)[0].split(" ")
-    worked = f"{', then '.join(steps)}, so the answer is {value}."
+    worked = f"step by step, {', then '.join(steps)}, so the answer is {value}."
     # The tagged form holds the same prose work inside <think>, as R1's traces do: it is the worked
     # form plus the tags, so a model moving to it writes *more*, never less.
     answers = {"direct": f"The answer is {value}.", "worked": worked, "tagged": f"<think>{worked}</think><answer>{value}</answer>"}
     if style not in answers:
         raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
-    transcript = f"{DIALOGUE.format(question=question)} {answers[style]}"
+    # Each style opens with a token of its own after the frame ("ĠThe", "Ġstep", "<think>": the tagged
+    # reply follows "Assistant:" with no space), so which one a base starts with greedily is decided
+    # by the styles' shares. A bare "Ġ" would not do: "User: What" puts one after every colon, and a
+    # small model lends that token weight after "Assistant:" too.
+    gap = "" if style == "tagged" else " "
+    transcript = f"{DIALOGUE.format(question=question)}{gap}{answers[style]}"
     return f"{header} {transcript}" if header else transcript
 
 
