@@ -62,6 +62,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(resolved_config(recipe), sort_keys=False), end="")
         return 0
     run_dir = args.run_dir or recipe.default_run_dir()
+    _print_notices(recipe)
     print(f"[align] recipe {args.recipe} is valid ({len(recipe.stages)} stages); run dir: {run_dir}")
     try:
         manifest = run_recipe(recipe, run_dir)
@@ -75,10 +76,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_notices(recipe: Any) -> None:
+    for notice in recipe.notices:
+        print(f"notice: {notice}")
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from align.recipe.validate import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, check_models=not args.skip_model_check)
+    _print_notices(recipe)
     print(f"{args.recipe}: OK — {len(recipe.stages)} stages: " + ", ".join(f"{s.name} ({s.type})" for s in recipe.stages))
     return 0
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from align.paths import RULE_FILE, resolve_user_path
 
 if TYPE_CHECKING:
+    from align.precision import Precision
     from align.recipe.schema import ModelSpec, RewardSpec
 
 __all__ = [
@@ -665,11 +666,12 @@ class RewardModelReward:
         self.failures = 0  # a model either scores or raises: it has no per-sample failures
 
     @classmethod
-    def load(cls, spec: ModelSpec, *, batch_size: int = 32) -> RewardModelReward:
-        """Load onto this process's device, frozen, with a right-padding tokenizer."""
+    def load(cls, spec: ModelSpec, *, batch_size: int = 32, precision: Precision | None = None,
+             seed: int = 0) -> RewardModelReward:  # fmt: skip
+        """Load onto this process's device, frozen (in the compute dtype), with a right-padding tokenizer."""
         from align.models import device, load_sequence_classifier, load_tokenizer
 
-        model = load_sequence_classifier(spec).requires_grad_(False).eval().to(device())
+        model = load_sequence_classifier(spec, precision=precision, seed=seed).requires_grad_(False).eval().to(device())
         return cls(model, load_tokenizer(spec, padding_side="right"), batch_size=batch_size)
 
     def __call__(self, completions: Sequence[Any], *, prompts: Sequence[Any] | None = None, **kwargs: Any) -> list[float]:
@@ -716,6 +718,8 @@ class Scorer:
         *,
         base_dir: Path | None = None,
         reward_model_batch_size: int = 32,
+        precision: Precision | None = None,
+        seed: int = 0,
     ) -> Scorer:
         terms = [
             RewardTerm(spec.display_name, spec.weight,
@@ -723,7 +727,7 @@ class Scorer:
             for spec in rewards
         ]  # fmt: skip
         if reward_model is not None:
-            model = RewardModelReward.load(reward_model, batch_size=reward_model_batch_size)
+            model = RewardModelReward.load(reward_model, batch_size=reward_model_batch_size, precision=precision, seed=seed)
             terms.append(RewardTerm(REWARD_MODEL, reward_model_weight, model))
         return cls(terms)
 

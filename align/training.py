@@ -12,8 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 from align.artifacts import TRAIN, MetricsWriter, metric_kind
 from align.data import with_system_prompt
-from align.models import load_tokenizer, load_trainable, save_model, use_bf16, use_gradient_checkpointing
-from align.recipe.schema import LoraSpec, ModelSpec, StageConfig, TrainingKnobs
+from align.models import (
+    load_tokenizer,
+    load_trainable,
+    save_dtype,
+    save_model,
+    use_gradient_checkpointing,
+    use_stop_tokens,
+)
+from align.recipe.schema import LoraSpec, ModelSpec, StageConfig, TrainingKnobs, TrlStageConfig
 from align.recipe.trl_fields import config_class, trl_config_fields
 
 if TYPE_CHECKING:
@@ -37,7 +44,7 @@ def trl_config(config: StageConfig, output_dir: Path, trl_class: str | None = No
     kwargs: dict[str, Any] = {k: v for k, v in values.items() if k in fields and k not in ("model",)}
     kwargs.update({k: v for k, v in (config.model_extra or {}).items() if trl_class is None or k in fields})
     if isinstance(config, TrainingKnobs):
-        kwargs["bf16"] = use_bf16(config.bf16)
+        kwargs.update(config.precision().trl_flags)
         kwargs["gradient_checkpointing"] = use_gradient_checkpointing(config.gradient_checkpointing)
     kwargs.setdefault("report_to", "none")
     kwargs.setdefault("save_strategy", "no")
@@ -72,11 +79,13 @@ def warmup_step_count(warmup_steps: float, total_steps: int) -> int:
     return math.ceil(warmup_steps * total_steps) if 0 < warmup_steps < 1 else int(warmup_steps)
 
 
-def save_trained_model(trainer: Any, tokenizer: Any, out_dir: Path, lora: LoraSpec | None, work_dir: Path) -> None:
+def save_trained_model(trainer: Any, tokenizer: Any, out_dir: Path, lora: LoraSpec | None, work_dir: Path,
+                       start: ModelSpec) -> None:  # fmt: skip
     """On the main process, save the trained model (the adapter, or merged if `lora.merge`) as the
-    stage's model artifact and drop the trainer's scratch checkpoints."""
+    stage's model artifact, in the dtype `start` asks for (default: its checkpoint's), and drop the
+    trainer's scratch checkpoints."""
     if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, out_dir, merge=bool(lora and lora.merge))
+        save_model(trainer.model, tokenizer, out_dir, merge=bool(lora and lora.merge), dtype=save_dtype(start))
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
@@ -95,7 +104,7 @@ def metrics_callback(writer: MetricsWriter) -> Any:
 
 
 def run_sft(
-    config: StageConfig,
+    config: TrlStageConfig,
     ctx: StageContext,
     student: ModelSpec,
     train: Any,
@@ -114,7 +123,8 @@ def run_sft(
     train = prepare_sft_dataset(train, system_prompt)
     evaluation = prepare_sft_dataset(evaluation, system_prompt) if evaluation is not None else None
     tokenizer = load_tokenizer(student, padding_side="right")
-    trainable = load_trainable(student, lora)
+    trainable = load_trainable(student, lora, precision=config.precision())
+    use_stop_tokens(trainable.model, tokenizer, student)  # saved with the model: it stops where its turns end
     num_params = sum(p.numel() for p in trainable.model.parameters())
     work_dir = ctx.artifact("trainer")
     args = trl_config(config, work_dir, trl_class, eval_strategy="steps" if evaluation is not None else "no")
@@ -132,7 +142,7 @@ def run_sft(
     metrics = {**final_train_metrics(trainer, result), "num_params": num_params}
     if evaluation is not None:
         metrics["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 5)
-    save_trained_model(trainer, tokenizer, ctx.artifact("model"), lora, work_dir)
+    save_trained_model(trainer, tokenizer, ctx.artifact("model"), lora, work_dir, student)
     return trainer, metrics
 
 

@@ -36,6 +36,8 @@ class CheckContext:
     check_files: bool = True
     check_models: bool = True
     problems: list[Problem] = field(default_factory=list)
+    #: Things validation could not check (printed, not errors): e.g. a hub model's context offline.
+    notices: list[str] = field(default_factory=list)
 
     @property
     def prefix(self) -> KeyPath:
@@ -47,6 +49,21 @@ class CheckContext:
 
     def model_spec(self, stage: StageConfig) -> ModelSpec:
         return stage.model or self.header.model
+
+    def origin_model(self, spec: ModelSpec | None) -> ModelSpec | None:
+        """The model a spec really starts from: `${stages.X.model}` is followed to the model stage X
+        trained from (its student for a distill stage); None when that is not known before running."""
+        for _ in range(len(self.earlier) + 1):
+            if spec is None:
+                return None
+            match = REFERENCE.match(spec.name_or_path)
+            if not match:
+                return spec
+            producer = self.earlier.get(match.group(1))
+            if producer is None or match.group(2) != "model":
+                return None
+            spec = getattr(producer, "student", None) if producer.type == "distill" else self.model_spec(producer)
+        return None
 
     def processes(self, stage: StageConfig) -> int:
         """How many processes the stage's launcher starts (1 unless it says otherwise)."""
@@ -131,6 +148,26 @@ class CheckContext:
             return
         if problem := model_spec_problem(spec, self.base_dir):
             self.error((*rel_path, "name_or_path"), problem)
+
+    def check_context(self, spec: ModelSpec | None, config: StageConfig, keys: tuple[str, ...]) -> None:
+        """The token lengths the recipe sets at `keys` (prompt + completion, or a max_length), summed,
+        must fit the context of the model `spec` starts from; reported at the last key. Defaults are
+        left alone: they are TRL's generic truncation limits, not a length anyone asked for."""
+        from align.models import context_length
+
+        asked = {key: getattr(config, key) for key in keys if key in config.model_fields_set and getattr(config, key)}
+        origin = self.origin_model(spec)
+        if not asked or origin is None or not self.check_models:
+            return
+        limit = context_length(origin, self.base_dir)
+        if limit is None:
+            self.notices.append(f"{origin.name_or_path}: context length not checked (no config.json readable offline)")
+            return
+        total = sum(asked.values())
+        if total > limit:
+            spelled = " + ".join(f"{k} ({v})" for k, v in asked.items())
+            self.error((list(asked)[-1],), f"{spelled} = {total} tokens exceeds the context of {origin.name_or_path}: "
+                       f"max_position_embeddings is {limit}")
 
     def check_lora(self, lora: LoraSpec | None, rel_path: KeyPath = ("lora",)) -> None:
         if lora is not None and lora.load_in_4bit and self.check_models and importlib.util.find_spec("bitsandbytes") is None:

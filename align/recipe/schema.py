@@ -7,7 +7,17 @@ import re
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
+
+from align.precision import Precision, precision_policy
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]*$"
 REFERENCE = re.compile(r"^\$\{stages\.([A-Za-z][A-Za-z0-9_\-]*)\.([A-Za-z_]+)\}$")
@@ -25,11 +35,25 @@ class ModelSpec(Strict):
     name_or_path: str = Field(min_length=1)
     revision: str | None = None
     tokenizer: str | None = Field(default=None, description="Tokenizer path if it differs from the model's.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        default=None,
+        description="Weights dtype when the model is only run (reference, reward model, teacher, sampling) and the "
+        "dtype a trained model is saved in. None: run in the compute dtype (bf16 on a bf16 GPU, float32 on the "
+        "CPU), save as the starting checkpoint was; auto: the checkpoint's own dtype (Hugging Face's meaning). "
+        "A model being trained keeps float32 master weights either way (see pure_bf16).",
+    )
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     chat_template: str | None = Field(
         default=None, description="Override the tokenizer's chat template: Jinja text or a path to a .jinja file."
+    )
+    eos_token: str | None = Field(
+        default=None, description="Set the tokenizer's EOS token (TRL's `eos_token`), e.g. <|im_end|> for a base model "
+        "whose chat turns end with it.",
+    )
+    stop_tokens: list[str] = Field(
+        default_factory=list, description="More tokens that end a response, beside EOS and the chat template's end "
+        "of turn (found by itself).",
     )
 
 
@@ -138,8 +162,24 @@ class TrainingKnobs(BaseModel):
     lr_scheduler_type: str = "linear"
     max_grad_norm: float = Field(default=1.0, ge=0.0)
     logging_steps: PositiveInt = 10
-    bf16: bool | None = Field(default=None, description="None: on when the GPU supports bf16, off on CPU.")
+    bf16: bool | None = Field(default=None, description="bf16 autocast. None: on when the GPU supports bf16, off on CPU.")
+    fp16: bool | None = Field(default=None, description="fp16 autocast. None: on for a GPU without bf16.")
+    pure_bf16: bool = Field(
+        default=False, description="Train bf16 weights (no float32 master copy): less memory, small updates are lost."
+    )
     gradient_checkpointing: bool | None = Field(default=None, description="None: on for GPU, off on CPU.")
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> TrainingKnobs:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both on; choose one")
+        if self.pure_bf16 and (self.bf16 is False or self.fp16):
+            raise ValueError("pure_bf16 trains bf16 weights: it needs bf16 compute (leave bf16 unset or true, fp16 off)")
+        return self
+
+    def precision(self) -> Precision:
+        """How this stage computes and which dtypes it loads, on this process's device."""
+        return precision_policy(self.bf16, self.fp16, self.pure_bf16)
 
 
 class TrlStageConfig(StageConfig, TrainingKnobs):

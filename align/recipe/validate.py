@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ class Recipe:
     stages: list[StageConfig]
     data: dict[str, Any]
     base_dir: Path
+    #: What validation could not check, for the user to know (one line each).
+    notices: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -179,6 +181,7 @@ def validate_data(
 
     raw_stages = data.get("stages") if isinstance(data.get("stages"), list) else []
     typed: dict[str, StageConfig] = {}
+    notices: list[str] = []
     written_columns: dict[str, set[str] | None] = {}
     seen: set[str] = set()
     for i, raw in enumerate(raw_stages):
@@ -212,6 +215,7 @@ def validate_data(
             ctx.check_model(stage_cfg.model, ("model",))
             stage_module(stage_type).check(stage_cfg, ctx)
             problems.extend(ctx.problems)
+            notices.extend(ctx.notices)
         if isinstance(name, str):
             typed[name] = stage_cfg
             written_columns[name] = stage_module(stage_type).output_columns(stage_cfg)
@@ -229,7 +233,7 @@ def validate_data(
         unique = list(dict.fromkeys(problems))
         raise RecipeError(source, sorted(unique, key=lambda p: (p.line or 0)))
     assert header is not None
-    return Recipe(source, header, list(typed.values()), data, base_dir)
+    return Recipe(source, header, list(typed.values()), data, base_dir, list(dict.fromkeys(notices)))
 
 
 def _model_problems(spec: ModelSpec, path: KeyPath, base_dir: Path, located: LocatedYAML) -> list[Problem]:

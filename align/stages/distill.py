@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt
 
 from align.artifacts import StageContext
 from align.data import chat_prompt, load_dataset, message_text, write_jsonl
-from align.embedded import EMBEDDED_MODELS, embedded_model_path, is_embedded
 from align.generation import load_sampler
 from align.models import (
     checkpoint_parameter_count,
@@ -51,10 +49,10 @@ from align.models import (
     load_tokenizer,
     load_trainable,
     resolve_model_path,
+    vocabulary_mismatch,
 )
-from align.paths import resolve_user_path
 from align.recipe.checks import CheckContext
-from align.recipe.schema import REFERENCE, Data, LoraSpec, Model, ModelSpec, SamplingKnobs, TrlStageConfig
+from align.recipe.schema import Data, LoraSpec, Model, ModelSpec, SamplingKnobs, TrlStageConfig
 from align.training import (
     final_train_metrics,
     metrics_callback,
@@ -143,64 +141,14 @@ def check(config: Config, ctx: CheckContext) -> None:
     ctx.check_lora(config.lora)
     ctx.check_model(config.teacher, ("teacher",))
     ctx.check_model(config.student, ("student",))
+    ctx.check_context(config.teacher or ctx.model_spec(config), config, ("max_completion_length",))
+    ctx.check_context(config.student, config, ("max_length",))
     teacher = config.teacher or ctx.model_spec(config)
     if ctx.check_models and config.method == "logit":
-        problem = vocabulary_mismatch(_origin(teacher, ctx), _origin(config.student, ctx), ctx.base_dir)
+        problem = vocabulary_mismatch(ctx.origin_model(teacher), ctx.origin_model(config.student), ctx.base_dir,
+                                      ("teacher", "student"))
         if problem:
             ctx.error(("student",), f"method: logit needs teacher and student to share a vocabulary: {problem}")
-
-
-def _origin(spec: ModelSpec, ctx: CheckContext) -> ModelSpec | None:
-    """The model a spec really starts from: `${stages.X.model}` is followed to the model stage X
-    trained (its student for a distill stage); None when that is not known before running."""
-    for _ in range(len(ctx.earlier) + 1):
-        match = REFERENCE.match(spec.name_or_path)
-        if not match:
-            return spec
-        producer = ctx.earlier.get(match.group(1))
-        if producer is None or match.group(2) != "model":
-            return None
-        student = getattr(producer, "student", None) if producer.type == "distill" else None
-        spec = student or ctx.model_spec(producer)
-    return None
-
-
-def _local_model_dir(spec: ModelSpec, base_dir: Path) -> Path | None:
-    if is_embedded(spec.name_or_path):
-        return embedded_model_path(spec.name_or_path)
-    path = resolve_user_path(spec.name_or_path, base_dir)
-    return path if path.is_dir() else None
-
-
-def vocabulary_mismatch(teacher: ModelSpec | None, student: ModelSpec | None, base_dir: Path) -> str | None:
-    """Why two models cannot share logits (different token→id maps or output sizes), or None when they
-    can or when it cannot be known offline (hub ids, later-stage outputs)."""
-    import json
-
-    if teacher is None or student is None:
-        return None
-    names = (teacher.name_or_path, student.name_or_path)
-    if all(n in EMBEDDED_MODELS for n in names) and not teacher.tokenizer and not student.tokenizer:
-        a, b = (EMBEDDED_MODELS[n].tokenizer for n in names)
-        return None if a == b else f"{names[0]} and {names[1]} use different embedded tokenizers"
-    dirs = [_local_model_dir(s, base_dir) for s in (teacher, student)]
-    if any(d is None for d in dirs):
-        return None
-    sizes = []
-    for d in dirs:
-        config_file = Path(d, "config.json")
-        raw = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
-        sizes.append(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size"))
-    if None not in sizes and sizes[0] != sizes[1]:
-        return f"teacher vocab_size {sizes[0]} ≠ student vocab_size {sizes[1]}"
-    from transformers import AutoTokenizer
-
-    vocabularies = [AutoTokenizer.from_pretrained(s.tokenizer or str(d)).get_vocab()
-                    for s, d in zip((teacher, student), dirs, strict=True)]  # fmt: skip
-    if vocabularies[0] != vocabularies[1]:
-        differing = sorted(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))[:3]
-        return f"their tokenizers map tokens to ids differently (e.g. {differing})"
-    return None
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -296,9 +244,10 @@ def _train_logit(config: Config, ctx: StageContext, teacher: ModelSpec, train: A
 
     train = prepare_sft_dataset(train, config.system_prompt)
     tokenizer = load_tokenizer(config.student, padding_side="right")
-    trainable = load_trainable(config.student, config.lora)
+    precision = config.precision()
+    trainable = load_trainable(config.student, config.lora, precision=precision)
     student_params = sum(p.numel() for p in trainable.model.parameters())  # before LoRA adds its own
-    teacher_model = load_causal_lm(teacher).to(device()).eval()
+    teacher_model = load_causal_lm(teacher, precision=precision).to(device()).eval()
     _check_shared_vocabulary(load_tokenizer(teacher), tokenizer, teacher_model, trainable.model)
     work_dir = ctx.artifact("trainer")
     trainer = GKDTrainer(model=trainable.model, teacher_model=teacher_model, args=trl_config(config, work_dir),
@@ -307,5 +256,5 @@ def _train_logit(config: Config, ctx: StageContext, teacher: ModelSpec, train: A
     logger.info("distill (logit): %d traces, student %s parameters", len(train), f"{student_params:,}")
     result = trainer.train()
     metrics = final_train_metrics(trainer, result)
-    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
+    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir, config.student)
     return metrics, student_params, sum(p.numel() for p in teacher_model.parameters())

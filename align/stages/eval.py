@@ -41,6 +41,7 @@ class Config(StageConfig, SamplingKnobs):
 
 def check(config: Config, ctx: CheckContext) -> None:
     ctx.check_sampling(config, config.num_samples, "num_samples")
+    ctx.check_context(ctx.model_spec(config), config, ("max_completion_length",))
     for i, k in enumerate(config.pass_k or []):
         if k > config.num_samples:
             ctx.error(("pass_k", i), f"pass@{k} needs at least {k} samples per prompt (num_samples is {config.num_samples})")

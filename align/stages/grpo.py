@@ -27,7 +27,7 @@ from pydantic import Field, PositiveInt, model_validator
 from align.artifacts import SAMPLE, MetricsWriter, StageContext
 from align.data import chat_prompt, load_dataset, message_text
 from align.generation import render_prompt
-from align.models import load_tokenizer, load_trainable
+from align.models import load_tokenizer, load_trainable, materialize_merged, use_stop_tokens
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, TrlStageConfig
 from align.rewards import Scorer
@@ -84,6 +84,7 @@ def check(config: Config, ctx: CheckContext) -> None:
     ctx.check_model(config.reward_model, ("reward_model",))
     ctx.check_lora(config.lora)
     ctx.check_vllm(config.use_vllm)
+    ctx.check_context(ctx.model_spec(config), config, ("max_prompt_length", "max_completion_length"))
     processes = ctx.processes(config)
     steps_per_generation = (config.model_extra or {}).get("steps_per_generation") or config.gradient_accumulation_steps
     generation_batch = config.per_device_train_batch_size * processes * steps_per_generation
@@ -102,8 +103,10 @@ def output_columns(config: Config) -> set[str] | None:
 
 
 class SampleRecorder:
-    """Wraps the reward functions to keep the latest batch of completions and their scores, so a
-    few can be written out at each logging step (TRL only sends them to wandb/rich)."""
+    """Wraps the reward functions to keep the latest generation round's completions with the scores
+    every function gave *them*, so a few can be written out at each logging step (TRL only sends
+    them to wandb/rich). A logging step may span several rounds; TRL calls every reward function
+    once per round with the same completions, which is how a round is told from the next."""
 
     def __init__(self) -> None:
         self.latest: dict[str, Any] = {}
@@ -113,9 +116,9 @@ class SampleRecorder:
 
         def recorded(completions: list[Any], **kwargs: Any) -> list[float | None]:
             scores = fn(completions, **kwargs)
-            recorder.latest.setdefault("completions", completions)
-            recorder.latest.setdefault("prompts", kwargs.get("prompts"))
-            recorder.latest.setdefault("scores", {})[fn.__name__] = scores
+            if recorder.latest.get("completions") is not completions:  # the first function of a new round
+                recorder.latest = {"completions": completions, "prompts": kwargs.get("prompts"), "scores": {}}
+            recorder.latest["scores"][fn.__name__] = scores
             return scores
 
         recorded.__name__ = fn.__name__
@@ -160,14 +163,21 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     from trl import GRPOTrainer
 
     assert config.model is not None
+    precision = config.precision()
     tokenizer = load_tokenizer(config.model, padding_side="left")
     train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), tokenizer, config)
     scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
-                          reward_model_batch_size=config.reward_model_batch_size)  # fmt: skip
+                          reward_model_batch_size=config.reward_model_batch_size, precision=precision, seed=ctx.seed)
     recorder = SampleRecorder()
     work_dir = ctx.artifact("trainer")
     args = trl_config(config, work_dir, reward_weights=[t.weight for t in scorer.terms])
-    trainable = load_trainable(config.model, config.lora)
+    start = config.model
+    if config.beta > 0 and config.lora is None:
+        # TRL rebuilds the KL reference from `config._name_or_path`, which for an adapter merged in
+        # memory names the base without the adapter: give it a folder that holds the merged model.
+        start = materialize_merged(config.model, work_dir / "start-model", precision)
+    trainable = load_trainable(start, config.lora, precision=precision)
+    use_stop_tokens(trainable.model, tokenizer, config.model)  # TRL stops and masks completions at these
     trainer = GRPOTrainer(
         model=trainable.model,
         reward_funcs=[recorder.wrap(fn) for fn in scorer.functions],
@@ -190,5 +200,5 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         metrics[f"{name}_failures"] = failures
         if failures:
             logger.warning("grpo: rule %s scored None on %d samples (%s)", name, failures, last_errors.get(name))
-    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
+    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir, config.model)
     return metrics

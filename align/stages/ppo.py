@@ -82,9 +82,11 @@ from align.models import (
     load_causal_lm,
     load_tokenizer,
     load_trainable,
+    save_dtype,
     save_model,
-    use_bf16,
     use_gradient_checkpointing,
+    use_stop_tokens,
+    vocabulary_mismatch,
 )
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, StageConfig, TrainingKnobs
@@ -126,6 +128,10 @@ class Config(StageConfig, TrainingKnobs):
     num_mini_batches: PositiveInt = 1
     total_episodes: PositiveInt | None = Field(default=None, description="Rollouts in all; default epochs × prompts.")
     local_rollout_forward_batch_size: PositiveInt = 64
+    logits_chunk_size: PositiveInt = Field(
+        default=1024, description="Token positions whose full-vocabulary softmax is taken at once in the no-grad "
+        "log-prob and entropy passes: bounds their memory (a 152k vocabulary: ~0.6 GB per float32 copy at 1024).",
+    )
 
     # PPO
     learning_rate: PositiveFloat = 3e-6
@@ -174,6 +180,18 @@ def check(config: Config, ctx: CheckContext) -> None:
     ctx.check_model(config.value_model, ("value_model",))
     ctx.check_lora(config.lora)
     ctx.check_lora(config.value_lora, ("value_lora",))
+    ctx.check_context(ctx.model_spec(config), config, ("response_length",))
+    # The critic reads the policy's token ids, so it must share the policy's vocabulary (the reward
+    # model re-tokenises the text itself and need not).
+    critic_key = "value_model" if config.value_model is not None else "reward_model"
+    critic = config.value_model or config.reward_model
+    if critic is not None and ctx.check_models:
+        problem = vocabulary_mismatch(ctx.origin_model(ctx.model_spec(config)), ctx.origin_model(critic), ctx.base_dir,
+                                      ("policy", "critic"))
+        if problem:
+            ctx.error((critic_key,), f"the critic starts from {critic_key} and reads the policy's token ids, so they "
+                      f"must share a vocabulary: {problem}" + ("; set value_model to a model with the policy's "
+                      "tokenizer" if critic_key == "reward_model" else ""))
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -192,6 +210,15 @@ def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def _check_critic_vocabulary(policy: nn.Module, critic: nn.Module) -> None:
+    """The critic reads the policy's token ids, so it must embed the same vocabulary."""
+    sizes = [m.get_input_embeddings().num_embeddings for m in (policy, critic)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the critic embeds {sizes[1]} tokens but the policy's vocabulary has {sizes[0]}: the critic "
+                         "reads the policy's token ids, so start it (value_model, else reward_model) from a model with "
+                         "the policy's tokenizer")
 
 
 def _seq_cls_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -214,17 +241,17 @@ def _actor_critic_class() -> type:
             self.policy = policy
             self.critic = critic
 
-        def forward(self, batch: dict[str, Tensor], response_length: int, temperature: float, *,
+        def forward(self, batch: dict[str, Tensor], response_length: int, *,
                     policy: bool = True, critic: bool = True) -> tuple[Tensor | None, Tensor | None]:
-            """Logits (÷ temperature) and values for the `response_length` response positions; either
-            part can be skipped (None)."""
-            logits = _policy_logits(self.policy, batch, response_length, temperature) if policy else None
+            """Logits and values for the `response_length` response positions; either part can be
+            skipped (None)."""
+            logits = _policy_logits(self.policy, batch, response_length) if policy else None
             return logits, _values(self.critic, batch, response_length) if critic else None
 
     return _ActorCritic
 
 
-def _policy_logits(policy: nn.Module, batch: dict[str, Tensor], response_length: int, temperature: float) -> Tensor:
+def _policy_logits(policy: nn.Module, batch: dict[str, Tensor], response_length: int) -> Tensor:
     # logits_to_keep skips the LM head on prompt positions; position t predicts token t + 1.
     out = policy(
         input_ids=batch["input_ids"],
@@ -233,7 +260,9 @@ def _policy_logits(policy: nn.Module, batch: dict[str, Tensor], response_length:
         logits_to_keep=response_length + 1,
         use_cache=False,
     )
-    return out.logits[:, :-1].float() / temperature
+    # Raw logits in the compute dtype: the log-prob functions upcast and divide by the temperature
+    # chunk by chunk, so no full float32 copy of a [B, T, V] tensor is made here.
+    return out.logits[:, :-1]
 
 
 def _values(critic: nn.Module, batch: dict[str, Tensor], response_length: int) -> Tensor:
@@ -337,22 +366,22 @@ def _backward_ppo_losses(actor_critic: nn.Module, backward: Any, micro_batch: tu
     width = responses.shape[1]
 
     def actor_loss(logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return policy_loss(logprobs_from_logits(logits, responses), old_logp, advantages, mask, config.cliprange,
+        return policy_loss(logprobs_from_logits(logits, responses, temperature=config.temperature), old_logp, advantages, mask, config.cliprange,
                            config.cliprange_high, config.dual_clip)
 
     def critic_loss(values: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return value_loss(values, old_values, returns, mask, config.cliprange_value)
 
     if one_backward:
-        logits, values = actor_critic(batch, width, config.temperature)
+        logits, values = actor_critic(batch, width)
         (pg_loss, pg_stats), (vf_loss, vf_stats) = actor_loss(logits), critic_loss(values)
         backward(actor_weight * pg_loss + config.vf_coef * vf_loss)
         return pg_loss, vf_loss, pg_stats, vf_stats
-    logits, _ = actor_critic(batch, width, config.temperature, critic=False)
+    logits, _ = actor_critic(batch, width, critic=False)
     pg_loss, pg_stats = actor_loss(logits)
     backward(actor_weight * pg_loss)
     del logits  # the actor's activations are freed before the critic's forward
-    _, values = actor_critic(batch, width, config.temperature, policy=False)
+    _, values = actor_critic(batch, width, policy=False)
     vf_loss, vf_stats = critic_loss(values)
     backward(config.vf_coef * vf_loss)
     return pg_loss, vf_loss, pg_stats, vf_stats
@@ -386,9 +415,10 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     )
 
     assert config.model is not None
+    precision = config.precision()
     accelerator = Accelerator(
         cpu=device() == "cpu",
-        mixed_precision="bf16" if use_bf16(config.bf16) else "no",
+        mixed_precision=precision.mixed,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
     )
     set_seed(ctx.seed, device_specific=True)  # different samples on every process
@@ -396,16 +426,21 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
 
     # ---- models -----------------------------------------------------------------------------
     tokenizer = load_tokenizer(config.model, padding_side="left")
-    policy = load_trainable(config.model, config.lora, wrap_lora=True,
+    policy = load_trainable(config.model, config.lora, precision=precision, wrap_lora=True,
                             gradient_checkpointing=use_gradient_checkpointing(config.gradient_checkpointing)).model
-    _disable_dropout(policy)
+    _disable_dropout(policy)  # after LoRA is applied: its dropout too would make ratio ≠ 1 at the start
     # With LoRA the reference is the policy with its adapter disabled: no second copy.
-    reference = None if config.lora else load_causal_lm(config.model).requires_grad_(False).eval().to(accelerator.device)
+    reference = (None if config.lora else
+                 load_causal_lm(config.model, precision=precision).requires_grad_(False).eval().to(accelerator.device))
     scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
-                          reward_model_batch_size=config.local_rollout_forward_batch_size)  # fmt: skip
+                          reward_model_batch_size=config.local_rollout_forward_batch_size, precision=precision,
+                          seed=ctx.seed)  # fmt: skip
     critic = load_trainable(config.value_model or config.reward_model or config.model, config.value_lora,
-                            task="sequence_classification", wrap_lora=True).model  # fmt: skip
+                            precision=precision, task="sequence_classification", seed=ctx.seed,
+                            wrap_lora=True).model  # fmt: skip
     _disable_dropout(critic)
+    _check_critic_vocabulary(policy, critic)
+    use_stop_tokens(policy, tokenizer, config.model)  # rollouts end there, and the saved model keeps them
     eos_ids, pad_id = eos_and_pad_ids(policy, tokenizer)
 
     # ---- data ---------------------------------------------------------------------------------
@@ -449,9 +484,9 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
 
     def reference_logits(batch: dict[str, Tensor], response_length: int) -> Tensor:
         if reference is not None:
-            return _policy_logits(reference, batch, response_length, config.temperature)
+            return _policy_logits(reference, batch, response_length)
         with unwrapped().policy.disable_adapter():
-            return _policy_logits(unwrapped().policy, batch, response_length, config.temperature)
+            return _policy_logits(unwrapped().policy, batch, response_length)
 
     # A DDP or DeepSpeed engine expects one backward per step; alone, the two passes halve peak memory.
     one_backward = accelerator.distributed_type != DistributedType.NO
@@ -461,7 +496,10 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     moments = RunningMoments() if config.normalize_reward else None
 
     # ---- rollout ------------------------------------------------------------------------------
+    # Rollout, log-prob and evaluation passes run under the same autocast as the training forward
+    # (Accelerate wraps the prepared model's forward in it), or the first update's ratio is not 1.
     @torch.no_grad()
+    @accelerator.autocast()
     def rollout(queries: list[list[int]], temperature: float) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, list[str]]:
         """Generate for prompt token lists in chunks; returns full batch, responses, mask, finished, texts."""
         out = generate_rollout(unwrapped().policy, queries, chunk_size=config.local_rollout_forward_batch_size,
@@ -472,20 +510,23 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         return _full_batch(out.query_ids, out.query_mask, responses, mask), responses, mask, out.finished, texts
 
     @torch.no_grad()
+    @accelerator.autocast()
     def forward_in_chunks(batch: dict[str, Tensor], responses: Tensor, with_values: bool = True
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Log-probs of policy and reference, policy entropy and values, chunk by chunk."""
         width = responses.shape[1]
+        chunk = config.logits_chunk_size
         outs: dict[str, list[Tensor]] = {"logp": [], "ref": [], "entropy": [], "values": []}
         model = unwrapped()
         for start in range(0, responses.shape[0], config.local_rollout_forward_batch_size):
             part = {k: v[start : start + config.local_rollout_forward_batch_size] for k, v in batch.items()}
             labels = responses[start : start + config.local_rollout_forward_batch_size]
-            logits = _policy_logits(model.policy, part, width, config.temperature)
-            outs["logp"].append(logprobs_from_logits(logits, labels))
-            outs["entropy"].append(entropy_from_logits(logits))
+            logits = _policy_logits(model.policy, part, width)
+            outs["logp"].append(logprobs_from_logits(logits, labels, chunk, temperature=config.temperature))
+            outs["entropy"].append(entropy_from_logits(logits, chunk, temperature=config.temperature))
             del logits  # one [chunk, T, V] logits tensor alive at a time, not the policy's and the reference's
-            outs["ref"].append(logprobs_from_logits(reference_logits(part, width), labels))
+            outs["ref"].append(logprobs_from_logits(reference_logits(part, width), labels, chunk,
+                                                    temperature=config.temperature))
             if with_values:
                 outs["values"].append(_values(model.critic, part, width))
         cat = {k: torch.cat(v) if v else None for k, v in outs.items()}
@@ -636,11 +677,12 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if is_main:
         save_model(unwrapped().policy, tokenizer, ctx.artifact(ARTIFACTS["model"]),
-                   merge=bool(config.lora and config.lora.merge))
+                   merge=bool(config.lora and config.lora.merge), dtype=save_dtype(config.model))
     return {
         "steps": total_steps,
         "episodes": total_steps * global_batch,
         "num_processes": accelerator.num_processes,
+        "mixed_precision": str(accelerator.mixed_precision),
         "first_score": round(first_score, 4),
         "last_score": round(last_score, 4),
         **results,

@@ -131,6 +131,7 @@ def check(config: Config, ctx: CheckContext) -> None:
     ctx.check_rewards(config.rewards, config.dataset)
     ctx.check_model(config.reward_model, ("reward_model",))
     ctx.check_sampling(config, config.num_generations, "num_generations")
+    ctx.check_context(ctx.model_spec(config), config, ("max_completion_length",))
     config._input_columns = ctx.dataset_columns(config.dataset, ("dataset",))
     names = reward_names(config)
     scored = set(names) | ({REWARD_MODEL} if config.reward_model is not None else set())
@@ -395,7 +396,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
     rules = KeepRules.from_config(config)
     scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
-                          reward_model_batch_size=config.reward_model_batch_size)  # fmt: skip
+                          reward_model_batch_size=config.reward_model_batch_size, seed=ctx.seed)  # fmt: skip
     language_rule = None
     if config.language is not None:
         language_rule = bind_rule(resolve_rule("language_consistency"), {"language": config.language,

@@ -80,6 +80,7 @@ def check(config: Config, ctx: CheckContext) -> None:
                 f"(rankings, best first); it has: {', '.join(sorted(columns))}",
             )
     ctx.check_lora(config.lora)
+    ctx.check_context(ctx.model_spec(config), config, ("max_length",))
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -210,7 +211,8 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), config)
     evaluation = _prepare(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed), config) if config.eval_dataset else None
     tokenizer = load_tokenizer(config.model, padding_side="right")
-    trainable = load_trainable(config.model, config.lora, task="sequence_classification")
+    trainable = load_trainable(config.model, config.lora, precision=config.precision(), task="sequence_classification",
+                               seed=ctx.seed)  # fmt: skip
     trainable.model.config.pad_token_id = tokenizer.pad_token_id
     work_dir = ctx.artifact("trainer")
     trainer = _weighted_trainer(
@@ -230,5 +232,5 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         metrics.update(held_out)
         if trainer.is_world_process_zero():
             ctx.metrics.log(EVAL, int(trainer.state.global_step), **held_out)
-    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
+    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir, config.model)
     return metrics

@@ -43,6 +43,7 @@ def check(config: Config, ctx: CheckContext) -> None:
             wanted = " or ".join("+".join(layout) for layout in SFT_LAYOUTS)
             ctx.error((key, "path"), f"dataset '{spec.path}' needs columns {wanted}; it has: {', '.join(sorted(columns))}")
     ctx.check_lora(config.lora)
+    ctx.check_context(ctx.model_spec(config), config, ("max_length",))
 
 
 def output_columns(config: Config) -> set[str] | None:

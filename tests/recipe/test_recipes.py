@@ -35,12 +35,13 @@ def test_recipe_validates_offline(path: Path) -> None:
     assert recipe.stages
 
 
-def test_r1_zero_with_the_tiny_model() -> None:
-    from align.embedded import embedded_model_path
+def test_r1_zero_with_the_tiny_model(tmp_path: Path) -> None:
+    from tests.hub_fixtures import with_context
 
     path = RECIPES / "r1_zero.yaml"
-    tiny = embedded_model_path("align:tiny")
-    recipe = load_recipe(path, [f"model.name_or_path={tiny}", "model.dtype=float32", *without_vllm(path)])
+    tiny = with_context("align:tiny", tmp_path, 4096)  # Qwen2.5-Math-7B's context
+    recipe = load_recipe(path, [f"model.name_or_path={tiny}", "model.dtype=float32", "model.eos_token=null",
+                                *without_vllm(path)])
     grpo = recipe.stage("grpo")
     assert [r.rule for r in grpo.rewards] == ["accuracy", "format"]
     assert grpo.system_prompt and grpo.system_prompt.startswith("A conversation between User and Assistant.")
@@ -48,10 +49,10 @@ def test_r1_zero_with_the_tiny_model() -> None:
     assert recipe.stage("eval_grpo").model.name_or_path == "${stages.grpo.model}"
 
 
-def test_sft_lora_with_a_local_tiny_model() -> None:
-    from align.embedded import embedded_model_path
+def test_sft_lora_with_a_local_tiny_model(tmp_path: Path) -> None:
+    from tests.hub_fixtures import with_context
 
-    tiny = embedded_model_path("align:tiny")
+    tiny = with_context("align:tiny", tmp_path, 32768)  # Qwen2.5-0.5B's context
     recipe = load_recipe(RECIPES / "sft_lora.yaml", [f"model.name_or_path={tiny}", "model.dtype=float32",
                                                       "stages.sft.lora.r=4"])
     sft = recipe.stage("sft")

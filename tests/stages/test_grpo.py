@@ -97,3 +97,76 @@ def test_short_grpo_run_logs_rewards_and_saves_a_loadable_model(tmp_path: Path) 
     assert samples and set(samples[0]["rewards"]) == {"accuracy", "format"}
     assert samples[0]["prompt"].startswith("What is")
     AutoModelForCausalLM.from_pretrained(stage_dir / "model")
+
+
+def test_logged_samples_carry_the_scores_of_their_own_completions(tmp_path: Path) -> None:
+    """logging_steps 3 spans three generation rounds: each logged completion must come with the score
+    its own text got, not the score of a completion from another round."""
+    (tmp_path / "rules.py").write_text(
+        "def length_score(completions, **kwargs):\n"
+        "    '''The completion's length in characters, so a score names its completion.'''\n"
+        "    return [float(len(c[0]['content'] if isinstance(c, list) else c)) for c in completions]\n"
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    recipe = load_recipe(path, [f"stages.grpo.rewards=[{{rule: {tmp_path}/rules.py:length_score}}]",
+                                "stages.grpo.logging_steps=3", "stages.grpo.temperature=1.5"])
+    run_recipe(recipe, tmp_path / "run", report=lambda _: None)
+    samples = read_metrics(tmp_path / "run" / "grpo" / "metrics.jsonl", "sample")
+    assert samples and {s["step"] for s in samples} == {3}
+    assert all(s["rewards"]["length_score"] == len(s["completion"]) for s in samples), samples
+
+
+def test_the_kl_reference_after_an_unmerged_lora_sft_is_the_sft_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRPO with beta > 0 from an adapter artifact: TRL rebuilds its reference from the policy's
+    `config._name_or_path`; it must hold the SFT model (base + adapter), not the base alone."""
+    import torch
+    from trl import GRPOTrainer
+
+    from align.models import load_causal_lm
+    from align.recipe.schema import ModelSpec
+
+    references: list[torch.nn.Module] = []
+    real_init = GRPOTrainer.__init__
+
+    def keep_reference(self: GRPOTrainer, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)
+        references.append(self.ref_model)
+
+    monkeypatch.setattr(GRPOTrainer, "__init__", keep_reference)
+    text = """\
+name: kl
+seed: 0
+model: align:tiny
+stages:
+  - name: sft
+    type: sft
+    dataset: {path: "align:arithmetic", num_examples: 64}
+    lora: {r: 8, lora_alpha: 16, lora_dropout: 0.0}
+    learning_rate: 5.0e-3
+    max_steps: 8
+    per_device_train_batch_size: 8
+  - name: grpo
+    type: grpo
+    model: ${stages.sft.model}
+    dataset: {path: "align:arithmetic", num_examples: 16}
+    rewards: [{rule: format}]
+    beta: 0.04
+    max_steps: 1
+    per_device_train_batch_size: 4
+    num_generations: 2
+    max_completion_length: 8
+"""
+    (tmp_path / "recipe.yaml").write_text(text)
+    manifest = run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run", report=lambda _: None)
+    assert manifest.record("grpo").status == "complete"
+    sft_dir = tmp_path / "run" / "sft" / "model"
+    assert (sft_dir / "adapter_config.json").exists()  # unmerged
+    (reference,) = references
+    ids = torch.tensor([[5, 17, 30, 44, 12, 9]])
+    sft_model, base = load_causal_lm(ModelSpec(name_or_path=str(sft_dir))), load_causal_lm(ModelSpec(name_or_path="align:tiny"))
+    with torch.no_grad():
+        ref_logits = reference(input_ids=ids).logits
+        assert torch.allclose(ref_logits, sft_model(input_ids=ids).logits, atol=1e-5)
+        assert not torch.allclose(ref_logits, base(input_ids=ids).logits, atol=1e-3)  # the adapter did move it
+    assert not (tmp_path / "run" / "grpo" / "trainer").exists()  # the merged copy went with the scratch files

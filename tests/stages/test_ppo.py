@@ -287,8 +287,11 @@ def test_response_length_also_reads_max_completion_length() -> None:
     assert recipe.stage("ppo").response_length == 17
 
 
-def test_rlhf_recipe_validates_with_the_tiny_model() -> None:
-    recipe = load_recipe(RECIPES / "rlhf.yaml", ["model=align:tiny"])
+def test_rlhf_recipe_validates_with_the_tiny_model(tmp_path: Path) -> None:
+    from tests.hub_fixtures import with_context
+
+    tiny = with_context("align:tiny", tmp_path, 32768)  # Qwen2.5-0.5B-Instruct's context
+    recipe = load_recipe(RECIPES / "rlhf.yaml", [f"model={tiny}"])
     types = [stage.type for stage in recipe.stages]
     assert types.index("sft") < types.index("reward_model") < types.index("ppo")
     ppo = next(stage for stage in recipe.stages if stage.type == "ppo")
@@ -312,3 +315,18 @@ def test_rlhf_tiny_end_to_end(tmp_path: Path) -> None:
     assert ppo["eval_kl_after"] < 1.5
     assert ppo["eval_score_reward_model_after"] > ppo["eval_score_reward_model_before"]
     assert metrics["eval_ppo"]["accuracy"] >= metrics["eval_sft"]["accuracy"] + 0.1
+
+
+def test_full_vocabulary_statistics_are_taken_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The no-grad log-prob and entropy passes never hold a log-softmax over more than
+    `logits_chunk_size` positions (at a 152k vocabulary a 32 × 256 batch is ~5 GB per float32 copy)."""
+    rows_seen: list[int] = []
+    real = torch.log_softmax
+
+    def recording(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rows_seen.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "log_softmax", recording)
+    run_ppo(tmp_path, "stages.ppo.max_steps=1", "stages.ppo.logits_chunk_size=7", "stages.ppo.eval_dataset=null")
+    assert rows_seen and max(rows_seen) <= 7
