@@ -44,6 +44,14 @@ def scratch_dir(run_dir: Path, stage_name: str) -> Path:
     return run_dir / f".{stage_name}.partial"
 
 
+def stage_name_of(folder: Path) -> str:
+    """The stage a folder belongs to: `NAME` for its scratch folder `.NAME.partial` or for `NAME`."""
+    name = folder.name
+    if name.startswith(".") and name.endswith(".partial"):
+        return name[1 : -len(".partial")]
+    return name
+
+
 @dataclass
 class StageRecord:
     name: str
@@ -56,6 +64,9 @@ class StageRecord:
     ended: float | None = None
     duration_s: float | None = None
     error: str | None = None
+    #: Processes the stage ran in, and the device of its main process (None: not known, or no torch).
+    world_size: int | None = None
+    device: str | None = None
 
 
 @dataclass
@@ -63,6 +74,8 @@ class Manifest:
     recipe: str
     source: str
     stages: list[StageRecord]
+    #: The latest `align run` on this directory: command, started, ended, library versions.
+    run: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, run_dir: Path) -> Manifest | None:
@@ -70,10 +83,10 @@ class Manifest:
         if not path.exists():
             return None
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return cls(raw["recipe"], raw["source"], [StageRecord(**s) for s in raw["stages"]])
+        return cls(raw["recipe"], raw["source"], [StageRecord(**s) for s in raw["stages"]], raw.get("run", {}))
 
     def write(self, run_dir: Path) -> None:
-        write_json_atomic(run_dir / MANIFEST, {"recipe": self.recipe, "source": self.source,
+        write_json_atomic(run_dir / MANIFEST, {"recipe": self.recipe, "source": self.source, "run": self.run,
                                                "stages": [asdict(s) for s in self.stages]})
 
     def record(self, name: str) -> StageRecord:
@@ -175,6 +188,11 @@ class StageContext:
     base_dir: Path
     seed: int
     metrics: MetricsWriter
+
+    @property
+    def name(self) -> str:
+        """The stage's name."""
+        return stage_name_of(self.out_dir)
 
     def artifact(self, relative: str) -> Path:
         return self.out_dir / relative

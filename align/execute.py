@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from align import artifacts as art
+from align.console import quiet_libraries, setup_console
 from align.recipe.schema import StageConfig
 from align.stages import stage_module
+from align.tracking import tracking_env
 
 logger = logging.getLogger("align")
 
@@ -58,12 +60,17 @@ def execute_stage(out_dir: Path) -> dict[str, Any]:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
+    # Python warnings raised during the stage (deprecations, mostly) go to its log.txt, not the console.
+    logging.captureWarnings(True)
+    quiet_libraries()
     try:
         ctx = art.StageContext(out_dir.parent, out_dir, base_dir, config.seed or 0, art.MetricsWriter(out_dir / art.METRICS))
-        metrics = module.run(config, ctx) or {}
+        with tracking_env(getattr(config, "report_to", None), out_dir):
+            metrics = module.run(config, ctx) or {}
         if rank() == 0:
             ctx.metrics.log(art.SUMMARY, int(metrics.get("steps", 0)), **metrics)
-            art.write_json_atomic(out_dir / art.RESULT, {"metrics": metrics, "artifacts": dict(module.ARTIFACTS)})
+            art.write_json_atomic(out_dir / art.RESULT, {"metrics": metrics, "artifacts": dict(module.ARTIFACTS),
+                                                         "world_size": world_size(), "device": device_name()})
         return metrics
     except BaseException as err:
         root.removeHandler(handler)
@@ -72,8 +79,26 @@ def execute_stage(out_dir: Path) -> dict[str, Any]:
         error_file(out_dir, rank()).write_text(f"{type(err).__name__}: {err}\n", encoding="utf-8")
         raise
     finally:
+        logging.captureWarnings(False)
         root.removeHandler(handler)
         handler.close()
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def device_name() -> str | None:
+    """What the stage ran on (`cpu`, `cuda: <GPU name>`); None for a stage that never loaded torch."""
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(torch.cuda.current_device())}"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="align.execute", description="run one prepared stage")
     parser.add_argument("stage_dir", type=Path, help="the stage's scratch folder, holding stage_config.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("ALIGN_LOG_LEVEL", "INFO"), format="%(message)s")
+    setup_console()
     try:
         execute_stage(args.stage_dir)
     except Exception:

@@ -5,7 +5,7 @@ settings (`SamplingKnobs`); PPO, which samples from the policy it trains, calls 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -158,9 +158,11 @@ def generate(
     top_k: int | None = None,
     batch_size: int = 64,
     seed: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[list[Sample]]:
     """`num_samples` completions for each prompt (greedy when temperature is 0). Prompts of similar
-    length are batched together so little compute goes to padding; results keep the input order."""
+    length are batched together so little compute goes to padding; results keep the input order.
+    `progress(n)` is called after each batch with the number of completions done so far."""
     import torch
 
     _check_sampling(temperature, num_samples)
@@ -179,6 +181,8 @@ def generate(
         )
         for row, (i, s) in enumerate(batch):
             results[i][s] = _to_sample(out.response_ids[row].tolist(), eos_ids, pad_id, tokenizer)
+        if progress is not None:
+            progress(start + len(batch))
     return [[s for s in row if s is not None] for row in results]
 
 
@@ -291,15 +295,21 @@ class Sampler:
         self.model = model
         self.llm = llm
 
-    def __call__(self, prompts: Sequence[Prompt], *, num_samples: int = 1, seed: int | None = None) -> list[list[Sample]]:
+    def __call__(self, prompts: Sequence[Prompt], *, num_samples: int = 1, seed: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[list[Sample]]:  # fmt: skip
+        """`progress(n)`: called with the number of completions done so far (vLLM: once, at the end)."""
         knobs = self.knobs
         if self.llm is not None:
-            return generate_vllm(self.llm, self.tokenizer, prompts, num_samples=num_samples,
-                                 max_new_tokens=knobs.max_completion_length, temperature=knobs.temperature,
-                                 top_p=knobs.top_p, top_k=knobs.top_k, seed=seed, stop_token_ids=self.stop_ids)  # fmt: skip
+            out = generate_vllm(self.llm, self.tokenizer, prompts, num_samples=num_samples,
+                                max_new_tokens=knobs.max_completion_length, temperature=knobs.temperature,
+                                top_p=knobs.top_p, top_k=knobs.top_k, seed=seed, stop_token_ids=self.stop_ids)  # fmt: skip
+            if progress is not None:
+                progress(len(prompts) * num_samples)
+            return out
         return generate(self.model, self.tokenizer, prompts, num_samples=num_samples,
                         max_new_tokens=knobs.max_completion_length, temperature=knobs.temperature, top_p=knobs.top_p,
-                        top_k=knobs.top_k, batch_size=knobs.generation_batch_size, seed=seed)  # fmt: skip
+                        top_k=knobs.top_k, batch_size=knobs.generation_batch_size, seed=seed,
+                        progress=progress)  # fmt: skip
 
 
 def load_sampler(spec: ModelSpec, knobs: SamplingKnobs, *, seed: int = 0) -> Sampler:

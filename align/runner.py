@@ -18,6 +18,7 @@ import yaml
 
 import align
 from align import artifacts as art
+from align.console import describe_progress, read_progress
 from align.execute import rank_errors, write_stage_config
 from align.launch import launch_stage
 from align.paths import absolute_if_local, absolute_rule, resolve_user_path
@@ -31,6 +32,7 @@ from align.recipe.schema import (
     walk_specs,
 )
 from align.recipe.validate import Recipe
+from align.report import at_k_keys, library_versions, write_report
 
 logger = logging.getLogger("align")
 
@@ -52,7 +54,8 @@ class PlannedStage:
 
 
 def effective_config(recipe: Recipe, stage: StageConfig) -> StageConfig:
-    """The stage with recipe-level defaults (model, seed, launcher) filled in."""
+    """The stage with recipe-level defaults (model, seed, launcher, and `report_to` for stages that
+    train) filled in."""
     updates: dict[str, Any] = {}
     if stage.model is None:
         updates["model"] = recipe.header.model
@@ -60,6 +63,8 @@ def effective_config(recipe: Recipe, stage: StageConfig) -> StageConfig:
         updates["seed"] = recipe.header.seed
     if stage.launcher is None:
         updates["launcher"] = recipe.header.launcher
+    if "report_to" in type(stage).model_fields and getattr(stage, "report_to", None) is None:
+        updates["report_to"] = recipe.header.report_to
     return stage.model_copy(update=updates)
 
 
@@ -109,10 +114,11 @@ def _digest_path(path: Path, digest: Any) -> None:
 
 
 def fingerprint(config: StageConfig, inputs: dict[str, str], base_dir: Path) -> str:
-    """Hash of what decides a stage's result: its effective config (the launcher aside), the
-    fingerprints of the stages it reads from (`inputs`: name → fingerprint), the local files it
-    reads, and align's version. A stage no one reads from can change without re-running others."""
-    dumped = config.model_dump(mode="json", exclude={"launcher"})
+    """Hash of what decides a stage's result: its effective config (the launcher and the trackers
+    aside: neither changes what is trained), the fingerprints of the stages it reads from (`inputs`:
+    name → fingerprint), the local files it reads, and align's version. A stage no one reads from
+    can change without re-running others."""
+    dumped = config.model_dump(mode="json", exclude={"launcher", "report_to"})
     digest = hashlib.sha256(json.dumps(dumped, sort_keys=True).encode())
     digest.update(json.dumps(sorted(inputs.items())).encode())
     digest.update(align.__version__.encode())
@@ -207,20 +213,36 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(path.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()[-lines:])
 
 
-def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print) -> art.Manifest:
+def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print, command: str | None = None) -> art.Manifest:
     """Run every stage that needs it, in order. Stops at the first failure (the manifest says which;
-    `StageFailed` is raised after the failure was reported)."""
+    `StageFailed` is raised after the failure was reported). However it ends — finished, failed or
+    interrupted — the run report (report.html, report.md and its plots) is written into `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     planned = plan(recipe, run_dir)
     art.write_text_atomic(run_dir / art.RESOLVED_RECIPE, yaml.safe_dump(recipe.data, sort_keys=False))
     old = art.Manifest.read(run_dir)
     old_records = {s.name: s for s in old.stages} if old else {}
     manifest = art.Manifest(recipe.name, recipe.source, [])
+    manifest.run = {"command": command, "started": time.time(), "ended": None, "versions": library_versions()}
     for item in planned:
         kept = old_records.get(item.config.name)
         manifest.stages.append(kept if (kept and not item.run) else art.StageRecord(item.config.name, item.config.type))
     manifest.write(run_dir)
+    try:
+        _run_planned(planned, manifest, recipe, run_dir, report)
+    finally:
+        manifest.run["ended"] = time.time()
+        manifest.write(run_dir)
+        try:
+            html, _ = write_report(run_dir)
+            report(f"[align] report: {html}")
+        except Exception as err:  # a report that cannot be drawn must not hide how the run itself ended
+            logger.warning("align: could not write the run report: %s: %s", type(err).__name__, err)
+    return manifest
 
+
+def _run_planned(planned: list[PlannedStage], manifest: art.Manifest, recipe: Recipe, run_dir: Path,
+                 report: Reporter) -> None:  # fmt: skip
     for item in planned:
         name = item.config.name
         record = manifest.record(name)
@@ -233,6 +255,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print) -> art.M
         record.status, record.fingerprint, record.started = art.RUNNING, item.fingerprint, time.time()
         record.ended = record.duration_s = record.error = None
         record.metrics, record.artifacts = {}, {}
+        record.world_size = record.device = None
         manifest.write(run_dir)
         try:
             write_stage_config(scratch, prepared_config(item.config, manifest, run_dir, recipe.base_dir), recipe.base_dir)
@@ -255,9 +278,9 @@ def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print) -> art.M
         record.duration_s = round(record.ended - (record.started or record.ended), 2)
         record.metrics = result.get("metrics", {})
         record.artifacts = {k: f"{name}/{v}" for k, v in result.get("artifacts", {}).items()}
+        record.world_size, record.device = result.get("world_size"), result.get("device")
         manifest.write(run_dir)
         report(f"[align] done  {name} in {record.duration_s:.1f}s {_short_metrics(record.metrics)}")
-    return manifest
 
 
 def _short_metrics(metrics: dict[str, Any]) -> str:
@@ -281,7 +304,7 @@ def accuracy_table(manifest: art.Manifest) -> str:
     rows = [(s.name, s.metrics) for s in manifest.stages if "accuracy" in s.metrics]
     if not rows:
         return ""
-    keys = ["accuracy", "exact_match", *sorted({k for _, m in rows for k in m if k.startswith("pass@")}), "format", "mean_length"]
+    keys = ["accuracy", "exact_match", *at_k_keys(m for _, m in rows), "format", "mean_length"]
     header = ["eval stage", *keys]
     table = [header] + [[name, *(f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m.get(k, "-")) for k in keys)]
                         for name, m in rows]
@@ -289,6 +312,26 @@ def accuracy_table(manifest: art.Manifest) -> str:
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)) for r in table]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def progress_lines(run_dir: Path, manifest: art.Manifest) -> list[str]:
+    """One line per running stage: its progress and ETA from its scratch folder's progress.json, or
+    the last step its metrics.jsonl reached when it has written no progress yet."""
+    lines = []
+    for record in manifest.stages:
+        if record.status != art.RUNNING:
+            continue
+        scratch = art.scratch_dir(run_dir, record.name)
+        progress = read_progress(scratch)
+        if progress is not None:
+            lines.append(f"{record.name}: {describe_progress(progress)}")
+            continue
+        try:
+            steps = [row["step"] for row in art.read_metrics(scratch / art.METRICS)]
+        except ValueError:  # a line being written right now
+            steps = []
+        lines.append(f"{record.name}: " + (f"step {max(steps)} logged" if steps else "started, no progress logged yet"))
+    return lines
 
 
 def render_report(manifest: art.Manifest) -> str:

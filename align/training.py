@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from align.artifacts import TRAIN, MetricsWriter, metric_kind
+from align.console import StageProgress
 from align.data import with_system_prompt
 from align.models import (
     load_tokenizer,
@@ -22,6 +23,7 @@ from align.models import (
 )
 from align.recipe.schema import LoraSpec, ModelSpec, StageConfig, TrainingKnobs, TrlStageConfig
 from align.recipe.trl_fields import config_class, trl_config_fields
+from align.tracking import trackers
 
 if TYPE_CHECKING:
     from align.artifacts import StageContext
@@ -46,7 +48,9 @@ def trl_config(config: StageConfig, output_dir: Path, trl_class: str | None = No
     if isinstance(config, TrainingKnobs):
         kwargs.update(config.precision().trl_flags)
         kwargs["gradient_checkpointing"] = use_gradient_checkpointing(config.gradient_checkpointing)
-    kwargs.setdefault("report_to", "none")
+    # Where the trackers write is set around the whole stage (align.tracking.tracking_env).
+    kwargs["report_to"] = trackers(getattr(config, "report_to", None)) or "none"
+    kwargs.setdefault("run_name", config.name)
     kwargs.setdefault("save_strategy", "no")
     kwargs.setdefault("seed", config.seed or 0)
     kwargs.setdefault("data_seed", config.seed or 0)
@@ -103,6 +107,40 @@ def metrics_callback(writer: MetricsWriter) -> Any:
     return _MetricsCallback()
 
 
+def attach_console(trainer: Any, ctx: StageContext) -> Any:
+    """Replace the trainer's console output (transformers' tqdm bar that prints every logged dict, or
+    its printer) with align's: one progress bar and a one-line summary per logging step; the full
+    rows go to log.txt (and metrics.jsonl, through `metrics_callback`). Returns the trainer."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _Console(TrainerCallback):
+        progress: StageProgress | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.is_world_process_zero:
+                self.progress = StageProgress(ctx.out_dir, ctx.name, state.max_steps)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.progress is not None:
+                self.progress.update(state.global_step)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            # The end-of-training row (train_runtime, mean train_loss) is what the runner's "done" line shows.
+            if self.progress is not None and logs and "train_runtime" not in logs:
+                self.progress.summary(_plain(logs), state.global_step)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.progress is not None:
+                self.progress.close()
+                self.progress = None
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_Console())
+    return trainer
+
+
 def run_sft(
     config: TrlStageConfig,
     ctx: StageContext,
@@ -137,6 +175,7 @@ def run_sft(
         peft_config=trainable.peft_config,
         callbacks=[metrics_callback(ctx.metrics)],
     )
+    attach_console(trainer, ctx)
     logger.info("%s: %d examples, %s", config.type, len(train), "LoRA" if lora else "full fine-tune")
     result = trainer.train()
     metrics = {**final_train_metrics(trainer, result), "num_params": num_params}

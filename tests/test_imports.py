@@ -1,5 +1,6 @@
 """align's modules import each other in one direction: cli → runner → validate → launch → execute →
-stages → checks → shared mechanics → recipe schema / paths / artifacts. Imports inside functions and
+stages → checks → shared mechanics (and the report, chat, tracking, recipe catalog) → recipe schema /
+paths / artifacts / console. Imports inside functions and
 under TYPE_CHECKING count: they hide a circle from Python, not from a reader."""
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (4, ("align.execute",)),
     (3, ("align.stages",)),
     (2, ("align.recipe.checks",)),
-    (1, ("align.models", "align.data", "align.generation", "align.rewards", "align.training", "align.rl")),
-    (0, ("align.paths", "align.precision", "align.artifacts", "align.embedded", "align.recipe")),
+    (1, ("align.models", "align.data", "align.generation", "align.rewards", "align.training", "align.rl",
+         "align.tracking", "align.report", "align.chat", "align.catalog")),
+    (0, ("align.paths", "align.precision", "align.artifacts", "align.console", "align.embedded", "align.recipe")),
 ]
 
 

@@ -146,6 +146,18 @@ class StageConfig(Strict):
     launcher: LauncherSpec | None = Field(default=None, description="Defaults to the recipe's `launcher`.")
 
 
+def _tracker_list(value: Any) -> Any:
+    # `report_to: tensorboard` is shorthand for `[tensorboard]`; `none` means no tracker.
+    value = [value] if isinstance(value, str) else value
+    if isinstance(value, list) and "none" in value and len(value) > 1:
+        raise ValueError("'none' cannot be combined with other trackers")
+    return value
+
+
+#: Experiment trackers (TRL's `report_to` names): `tensorboard`, `wandb`, or `none`.
+ReportTo = Annotated[list[Literal["tensorboard", "wandb", "none"]], BeforeValidator(_tracker_list)]
+
+
 class TrainingKnobs(BaseModel):
     """The optimiser/scheduler knobs tuned most often, typed and bounded. Names are TRL's/transformers'
     `TrainingArguments` names; every other field of the stage's TRL config is accepted as well."""
@@ -168,6 +180,9 @@ class TrainingKnobs(BaseModel):
         default=False, description="Train bf16 weights (no float32 master copy): less memory, small updates are lost."
     )
     gradient_checkpointing: bool | None = Field(default=None, description="None: on for GPU, off on CPU.")
+    report_to: ReportTo | None = Field(
+        default=None, description="Trackers (tensorboard, wandb, none); default: the recipe's `report_to`."
+    )
 
     @model_validator(mode="after")
     def _one_precision(self) -> TrainingKnobs:
@@ -213,6 +228,9 @@ class RecipeHeader(Strict):
     run_dir: str | None = Field(default=None, description="Default: ./runs/<name>.")
     model: Model
     launcher: LauncherSpec = Field(default_factory=LauncherSpec)
+    report_to: ReportTo | None = Field(
+        default=None, description="Trackers for every stage that trains (tensorboard, wandb, none); default none."
+    )
     stages: list[dict[str, Any]] = Field(min_length=1)
 
 

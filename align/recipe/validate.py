@@ -20,6 +20,7 @@ from align.recipe.overrides import apply_overrides
 from align.recipe.schema import REFERENCE, REFERENCE_ANYWHERE, ModelSpec, RecipeHeader, StageConfig
 from align.recipe.trl_fields import field_adapter, trl_config_fields
 from align.stages import STAGE_TYPES, stage_module
+from align.tracking import report_to_problems
 
 
 @dataclass
@@ -216,12 +217,16 @@ def validate_data(
             stage_module(stage_type).check(stage_cfg, ctx)
             problems.extend(ctx.problems)
             notices.extend(ctx.notices)
+        for message in report_to_problems(getattr(stage_cfg, "report_to", None)):
+            add((*prefix, "report_to"), message)
         if isinstance(name, str):
             typed[name] = stage_cfg
             written_columns[name] = stage_module(stage_type).output_columns(stage_cfg)
 
     problems.extend(_check_references(raw_stages, typed, located))
     if header is not None:
+        for message in report_to_problems(header.report_to):
+            add(("report_to",), message)
         problems.extend(_check_launcher(header.launcher, ("launcher",), base_dir, located))
         for i, stage in enumerate(typed.values()):
             if stage.launcher is not None:

@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PositiveInt
 
 from align.artifacts import StageContext
+from align.console import StageProgress
 from align.data import chat_prompt, load_dataset, message_text, write_jsonl
 from align.generation import load_sampler
 from align.models import (
@@ -54,6 +55,7 @@ from align.models import (
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, Model, ModelSpec, SamplingKnobs, TrlStageConfig
 from align.training import (
+    attach_console,
     final_train_metrics,
     metrics_callback,
     prepare_sft_dataset,
@@ -174,7 +176,8 @@ def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: Stage
     sample = load_sampler(teacher, config, seed=ctx.seed)
     rows = dataset.to_list()
     prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
-    samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed)
+    with StageProgress(ctx.out_dir, ctx.name, len(prompts) * config.num_generations, unit="sample", phase="traces") as bar:
+        samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed, progress=bar.update)
     traces: list[dict[str, Any]] = []
     truncated = 0
     for row, prompt, row_samples in zip(rows, prompts, samples, strict=True):
@@ -253,6 +256,7 @@ def _train_logit(config: Config, ctx: StageContext, teacher: ModelSpec, train: A
     trainer = GKDTrainer(model=trainable.model, teacher_model=teacher_model, args=trl_config(config, work_dir),
                          train_dataset=_as_messages(train), processing_class=tokenizer, peft_config=trainable.peft_config,
                          callbacks=[metrics_callback(ctx.metrics)])  # fmt: skip
+    attach_console(trainer, ctx)
     logger.info("distill (logit): %d traces, student %s parameters", len(train), f"{student_params:,}")
     result = trainer.train()
     metrics = final_train_metrics(trainer, result)

@@ -31,7 +31,13 @@ from align.models import load_tokenizer, load_trainable, materialize_merged, use
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, TrlStageConfig
 from align.rewards import Scorer
-from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
+from align.training import (
+    attach_console,
+    final_train_metrics,
+    metrics_callback,
+    save_trained_model,
+    trl_config,
+)
 
 logger = logging.getLogger("align")
 
@@ -187,6 +193,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         peft_config=trainable.peft_config,
         callbacks=[metrics_callback(ctx.metrics), _samples_callback(recorder, ctx.metrics)],
     )
+    attach_console(trainer, ctx)
     logger.info("grpo: %d prompts, %d generations each, rewards: %s", len(train), config.num_generations,
                 ", ".join(f"{t.name}×{t.weight:g}" for t in scorer.terms))
     result = trainer.train()

@@ -75,6 +75,7 @@ from pydantic import (
 )
 
 from align.artifacts import EVAL, SAMPLE, TRAIN, StageContext
+from align.console import StageProgress
 from align.data import chat_prompt, load_dataset
 from align.generation import encode_prompts, eos_and_pad_ids, generate_rollout
 from align.models import (
@@ -91,6 +92,7 @@ from align.models import (
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, StageConfig, TrainingKnobs
 from align.rewards import Scorer
+from align.tracking import accelerate_trackers, flat_config
 from align.training import warmup_step_count
 
 if TYPE_CHECKING:
@@ -416,11 +418,15 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
 
     assert config.model is not None
     precision = config.precision()
+    trackers = accelerate_trackers(config.report_to, ctx.out_dir, config.name)
     accelerator = Accelerator(
         cpu=device() == "cpu",
         mixed_precision=precision.mixed,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=trackers or None,
     )
+    if trackers:
+        accelerator.init_trackers(config.name, config=flat_config(config.model_dump(mode="json")))
     set_seed(ctx.seed, device_specific=True)  # different samples on every process
     is_main = accelerator.is_main_process
 
@@ -592,6 +598,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         results.update({f"eval_{k.replace('/', '_')}_before": round(v, 4) for k, v in before.items() if k != "kl"})
         if is_main:
             ctx.metrics.log(EVAL, 0, **before)
+            accelerator.log({f"eval/{k}": v for k, v in before.items()}, step=0)
 
     # ---- training ---------------------------------------------------------------------------------
     logger.info("ppo: %d steps × %d rollouts (%s actor, %s critic) on %d process(es), %s", total_steps, global_batch,
@@ -599,6 +606,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
                 accelerator.num_processes, accelerator.distributed_type.value)
     started = time.perf_counter()
     first_score = last_score = math.nan
+    progress = StageProgress(ctx.out_dir, config.name, total_steps, main_process=is_main)
     for step in range(1, total_steps + 1):
         step_start = time.perf_counter()
         unwrapped().eval()
@@ -643,6 +651,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         mean_score = _mean(accelerator, experience.stats["score"])
         first_score = mean_score if step == 1 else first_score
         last_score = mean_score
+        progress.update(step)
 
         if step % config.logging_steps == 0 or step in (1, total_steps):
             record: dict[str, Any] = {"episodes": step * global_batch}
@@ -651,6 +660,8 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
             record.update({"kl_coef": kl_coef, "learning_rate": learning_rate, "step_time_s": step_time})
             if is_main:
                 ctx.metrics.log(TRAIN, step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+                accelerator.log({f"train/{k}": v for k, v in record.items()}, step=step)
+                progress.summary(record, step)
                 parts = {k.removeprefix("score/"): v for k, v in experience.stats.items() if k.startswith("score/")}
                 for i in range(min(config.num_sample_rollouts, len(experience))):
                     prompt = experience.prompts[i]
@@ -658,12 +669,12 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
                                **{k: round(float(v[i]), 4) for k, v in parts.items()}}
                     ctx.metrics.log(SAMPLE, step, prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"],
                                     completion=experience.texts[i], rewards=rewards)  # fmt: skip
-                logger.info("ppo step %d/%d: score %.3f kl %.3f %.2fs", step, total_steps, record["score"],
-                            record["kl"], step_time)
         if eval_table is not None and config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
             evaluation = evaluate()
             if is_main:
                 ctx.metrics.log(EVAL, step, **evaluation)
+                accelerator.log({f"eval/{k}": v for k, v in evaluation.items()}, step=step)
+    progress.close()
     runtime = time.perf_counter() - started
 
     if eval_table is not None:
@@ -672,9 +683,12 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         results.update({f"eval_{k.replace('/', '_')}_after": round(v, 4) for k, v in after.items()})
         if is_main:
             ctx.metrics.log(EVAL, total_steps, **after)
+            accelerator.log({f"eval/{k}": v for k, v in after.items()}, step=total_steps)
 
     # ---- save ---------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:  # not end_training(): it also tears down the process group
+        tracker.finish()
     if is_main:
         save_model(unwrapped().policy, tokenizer, ctx.artifact(ARTIFACTS["model"]),
                    merge=bool(config.lora and config.lora.merge), dtype=save_dtype(config.model))

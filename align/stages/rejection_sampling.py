@@ -46,6 +46,7 @@ from typing import Any, Literal
 from pydantic import Field, PositiveInt, PrivateAttr, model_validator
 
 from align.artifacts import StageContext
+from align.console import StageProgress
 from align.data import chat_prompt, load_dataset
 from align.generation import load_sampler
 from align.models import resolve_model_path
@@ -410,14 +411,17 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     def line(record: dict[str, Any]) -> str:
         return json.dumps(record, ensure_ascii=False) + "\n"
 
+    bar = StageProgress(ctx.out_dir, ctx.name, len(dataset) * config.num_generations, unit="sample", phase="sampling")
     with ctx.artifact(ARTIFACTS["dataset"]).open("w", encoding="utf-8") as out, \
-            ctx.artifact(ARTIFACTS["rejected_prompts"]).open("w", encoding="utf-8") as rejected:  # fmt: skip
+            ctx.artifact(ARTIFACTS["rejected_prompts"]).open("w", encoding="utf-8") as rejected, bar:  # fmt: skip
         for chunk_no, start in enumerate(range(0, len(dataset), config.chunk_size)):
             rows = dataset.select(range(start, min(start + config.chunk_size, len(dataset)))).to_list()
             prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
             conversational = not isinstance(prompts[0], str)
             began = time.perf_counter()
-            samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed + chunk_no)
+            done = start * config.num_generations
+            samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed + chunk_no,
+                             progress=lambda n, done=done: bar.update(done + n))  # fmt: skip
             generation_s += time.perf_counter() - began
             chunk = score_samples(scorer, language_rule, prompts, rows, samples)
             for prompt, row, scored in zip(prompts, rows, chunk, strict=True):

@@ -37,7 +37,13 @@ from align.data import load_dataset, with_system_prompt
 from align.models import load_tokenizer, load_trainable
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, TrlStageConfig
-from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
+from align.training import (
+    attach_console,
+    final_train_metrics,
+    metrics_callback,
+    save_trained_model,
+    trl_config,
+)
 
 logger = logging.getLogger("align")
 
@@ -224,6 +230,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         peft_config=trainable.peft_config,
         callbacks=[metrics_callback(ctx.metrics)],
     )
+    attach_console(trainer, ctx)
     logger.info("reward_model: %d pairs, %s", len(train), "LoRA" if config.lora else "full fine-tune")
     result = trainer.train()
     metrics = final_train_metrics(trainer, result)
