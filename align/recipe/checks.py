@@ -86,6 +86,16 @@ class CheckContext:
                     f"dataset '{spec.path}' has no column '{column}' ({why}); it has: {', '.join(sorted(columns))}",
                 )
 
+    def check_preference_data(self, spec: DataSpec | None, rel_path: KeyPath, ranking_column: str = "ranking") -> None:
+        """The dataset holds preference pairs (chosen/rejected) or rankings (prompt + a best-first list)."""
+        from align.data import preference_layout_problem
+
+        if spec is None:
+            return
+        columns = self.dataset_columns(spec, rel_path)
+        if columns is not None and (problem := preference_layout_problem(columns, spec.path, ranking_column)):
+            self.error((*rel_path, "path"), problem)
+
     # ---- rewards ----------------------------------------------------------------------------------
 
     def rule_columns(self, rewards: list[RewardSpec]) -> dict[str, str]:
