@@ -114,7 +114,7 @@ class CheckContext:
 
     def check_rewards(self, rewards: list[RewardSpec], dataset: DataSpec | None, rel_path: KeyPath = ("rewards",)) -> None:
         """Each rule resolves, its parameters fit its signature, and the dataset has its columns."""
-        from align.rewards import RuleResolutionError, check_rule_params, resolve_rule
+        from align.rewards import RuleResolutionError, resolve_rule, rule_param_problems
 
         for i, spec in enumerate(rewards):
             try:
@@ -122,8 +122,9 @@ class CheckContext:
             except RuleResolutionError as err:
                 self.error((*rel_path, i, "rule"), str(err))
                 continue
-            for message in check_rule_params(fn, spec.params):
-                self.error((*rel_path, i, "params"), message)
+            for key, message in rule_param_problems(fn, spec.params):
+                where = (*rel_path, i, "params", key) if key in spec.params else (*rel_path, i, "params")
+                self.error(where, f"reward rule '{spec.rule}': {message}")
         names = [spec.display_name for spec in rewards]
         for name in sorted({n for n in names if names.count(n) > 1}):
             self.error(rel_path, f"reward name '{name}' is used {names.count(name)} times; give each a distinct `name`")
