@@ -1,4 +1,4 @@
-"""`align` command line: run, validate, status, rewards. Thin: parse, call, print."""
+"""`align` command line: run, validate, status, recipes, rewards. Thin: parse, call, print."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show a run directory's stages")
     status.add_argument("run_dir", type=Path)
+
+    recipes = sub.add_parser("recipes", help="work with recipes")
+    recipes_sub = recipes.add_subparsers(dest="recipes_command", required=True)
+    import_ = recipes_sub.add_parser("import", help="write an align recipe from an open-r1 / TRL GRPO config")
+    import_.add_argument("config", type=Path, help="the YAML given to open-r1's grpo.py or `trl grpo --config`")
+    import_.add_argument("-o", "--output", type=Path, help="write the recipe here (default: print it)")
+    import_.add_argument("--num-processes", type=int, help="processes for the grpo stage (default: the fewest "
+                         "the batch arithmetic allows)")
 
     rewards = sub.add_parser("rewards", help="list or try reward rules")
     rewards_sub = rewards.add_subparsers(dest="rewards_command", required=True)
@@ -121,7 +129,20 @@ def _cmd_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "status": _cmd_status, "rewards": _cmd_rewards}
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from align.recipe.importer import import_file
+
+    text = import_file(args.config, args.output, args.num_processes)
+    if args.output is None:
+        print(text, end="")
+        return 0
+    args.output.write_text(text, encoding="utf-8")
+    print(f"[align] wrote {args.output}; check it with: align validate {args.output}")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "status": _cmd_status, "recipes": _cmd_recipes,
+            "rewards": _cmd_rewards}
 
 
 def main(argv: list[str] | None = None) -> int:
