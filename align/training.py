@@ -1,6 +1,6 @@
 """Glue between a stage's typed config and a TRL trainer: building the TRL config with device-sane
-defaults, logging trainer metrics into the stage's metrics.jsonl, saving the trained model, and the
-one SFT routine the sft and distill stages share."""
+defaults, logging trainer metrics into the stage's metrics.jsonl, saving the trained model, the
+reference model of the preference trainers, and the one SFT routine the sft and distill stages share."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from align.artifacts import TRAIN, MetricsWriter, metric_kind
 from align.data import with_system_prompt
-from align.models import load_tokenizer, load_trainable, save_model, use_bf16, use_gradient_checkpointing
+from align.models import (
+    load_causal_lm,
+    load_tokenizer,
+    load_trainable,
+    save_model,
+    use_bf16,
+    use_gradient_checkpointing,
+)
 from align.recipe.schema import LoraSpec, ModelSpec, StageConfig, TrainingKnobs
 from align.recipe.trl_fields import config_class, trl_config_fields
 
@@ -65,6 +72,18 @@ def prepare_sft_dataset(dataset: Any, system_prompt: str | None) -> Any:
     if system_prompt and keep[0] in ("messages", "prompt") and isinstance(dataset[0][keep[0]], list):
         dataset = dataset.map(lambda row: {keep[0]: with_system_prompt(row[keep[0]], system_prompt)})
     return dataset
+
+
+def frozen_reference(spec: ModelSpec, lora: LoraSpec | None, precomputed: bool) -> Any:
+    """The reference model to hand a TRL preference trainer (DPO, KTO) whose reference must be the
+    stage's starting model. None with LoRA (the trainer disables the adapter: no second copy) and with
+    precomputed reference log-probs (the trainer scores the data with the policy before its first
+    step). Otherwise a frozen copy, loaded exactly as the policy is: left to itself, the trainer would
+    rebuild it from `model.config._name_or_path`, which for a model merged in memory from an adapter
+    folder names the adapter's base — another model."""
+    if lora is not None or precomputed:
+        return None
+    return load_causal_lm(spec).requires_grad_(False).eval()
 
 
 def warmup_step_count(warmup_steps: float, total_steps: int) -> int:

@@ -20,6 +20,7 @@ STAGE_TYPES: dict[str, str] = {
     "grpo": "align.stages.grpo",
     "reward_model": "align.stages.reward_model",
     "dpo": "align.stages.dpo",
+    "kto": "align.stages.kto",
     "ppo": "align.stages.ppo",
     "rejection_sampling": "align.stages.rejection_sampling",
     "distill": "align.stages.distill",

@@ -43,10 +43,16 @@ from pydantic import BeforeValidator, Field, PositiveInt
 
 from align.artifacts import EVAL, StageContext
 from align.data import load_dataset, prepare_preference_pairs
-from align.models import load_causal_lm, load_tokenizer, load_trainable
+from align.models import load_tokenizer, load_trainable
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, TrlStageConfig
-from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
+from align.training import (
+    final_train_metrics,
+    frozen_reference,
+    metrics_callback,
+    save_trained_model,
+    trl_config,
+)
 
 logger = logging.getLogger("align")
 
@@ -208,12 +214,9 @@ def build_trainer(config: Config, ctx: StageContext) -> Any:
     args = trl_config(config, ctx.artifact("trainer"))
     tokenizer = load_tokenizer(config.model, padding_side="left")
     trainable = load_trainable(config.model, config.lora)
-    reference = None
-    if config.lora is None and not config.precompute_ref_log_probs:
-        reference = load_causal_lm(config.model).requires_grad_(False).eval()
     return DPOTrainer(
         model=trainable.model,
-        ref_model=reference,
+        ref_model=frozen_reference(config.model, config.lora, config.precompute_ref_log_probs),
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,

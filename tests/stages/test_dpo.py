@@ -107,12 +107,22 @@ def test_reference_is_the_starting_model_merged_from_an_adapter(tmp_path: Path) 
     """A starting model that is an adapter folder is merged in memory, and its config still names the
     adapter's base: TRL's own fallback would train against that base. The stage's reference must
     give the starting model's logits, not the base's."""
+    from align.stages.dpo import Config, build_trainer
+
+    start_spec = adapter_starting_model(tmp_path)
+    config = Config(name="dpo", model=start_spec, seed=0, max_length=64,
+                    dataset={"path": "align:arithmetic-preferences", "num_examples": 8})  # fmt: skip
+    trainer = build_trainer(config, stage_context(tmp_path))
+    assert_reference_is(trainer, start_spec)
+
+
+def adapter_starting_model(tmp_path: Path) -> Any:
+    """A LoRA adapter folder on align:tiny with random (non-zero) weights: a starting model whose
+    config, once merged in memory, still names the base."""
     from peft import LoraConfig, get_peft_model
-    from trl.trainer.utils import create_model_from_path, get_config_model_id
 
     from align.models import load_causal_lm, load_tokenizer
     from align.recipe.schema import ModelSpec
-    from align.stages.dpo import Config, build_trainer
 
     torch.manual_seed(0)
     base_spec = tiny()
@@ -120,13 +130,22 @@ def test_reference_is_the_starting_model_merged_from_an_adapter(tmp_path: Path) 
                                                                     init_lora_weights=False, task_type="CAUSAL_LM"))
     adapter.save_pretrained(tmp_path / "adapter")
     load_tokenizer(base_spec).save_pretrained(tmp_path / "adapter")
-    start_spec = ModelSpec(name_or_path=str(tmp_path / "adapter"))
+    return ModelSpec(name_or_path=str(tmp_path / "adapter"))
 
-    config = Config(name="dpo", model=start_spec, seed=0, max_length=64,
-                    dataset={"path": "align:arithmetic-preferences", "num_examples": 8})  # fmt: skip
-    ctx = StageContext(tmp_path, tmp_path / "out", tmp_path, 0, MetricsWriter(tmp_path / "metrics.jsonl"))
-    (tmp_path / "out").mkdir()
-    trainer = build_trainer(config, ctx)
+
+def stage_context(tmp_path: Path) -> StageContext:
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return StageContext(tmp_path, tmp_path / "out", tmp_path, 0, MetricsWriter(tmp_path / "metrics.jsonl"))
+
+
+def assert_reference_is(trainer: Any, start_spec: Any) -> None:
+    """The trainer's reference gives the starting model's logits, not those of the adapter's base,
+    which is what TRL would have rebuilt from `_name_or_path`."""
+    from trl.trainer.utils import create_model_from_path, get_config_model_id
+
+    from align.models import load_causal_lm
+
+    base_spec = tiny()
     ids = torch.tensor([[5, 40, 41, 42, 43, 44, 45, 46]])
     with torch.no_grad():
         reference = trainer.ref_model(input_ids=ids).logits
@@ -147,9 +166,7 @@ def test_lora_reference_is_the_disabled_adapter_without_a_copy(tmp_path: Path) -
 
     config = Config(name="dpo", model=tiny(), seed=0, max_length=64, lora={"r": 4, "lora_alpha": 8},
                     dataset={"path": "align:arithmetic-preferences", "num_examples": 8})  # fmt: skip
-    ctx = StageContext(tmp_path, tmp_path / "out", tmp_path, 0, MetricsWriter(tmp_path / "metrics.jsonl"))
-    (tmp_path / "out").mkdir()
-    trainer = build_trainer(config, ctx)
+    trainer = build_trainer(config, stage_context(tmp_path))
     assert trainer.ref_model is None and is_peft_model(trainer.model)
     # Move the adapter away from zero, so that "disabled" and "enabled" differ.
     with torch.no_grad():
