@@ -74,6 +74,32 @@ def prepare_sft_dataset(dataset: Any, system_prompt: str | None) -> Any:
     return dataset
 
 
+def make_trainer(cls: Any, trainable: Any, args: Any, tokenizer: Any, ctx: StageContext, train: Any,
+                 evaluation: Any = None, **extra: Any) -> Any:
+    """A TRL trainer of class `cls` for a stage: the model (and the PEFT config it wraps itself) from
+    `load_trainable`, the stage's data, and align's metrics callback."""
+    return cls(model=trainable.model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+               peft_config=trainable.peft_config, callbacks=[metrics_callback(ctx.metrics)], **extra)  # fmt: skip
+
+
+def preference_trainer(cls: Any, config: Any, ctx: StageContext, train: Any, evaluation: Any = None) -> Any:
+    """A TRL preference trainer (DPOTrainer, KTOTrainer) whose reference is the stage's starting model
+    (`frozen_reference`). `config` has `model`, `lora` and `precompute_ref_log_probs`."""
+    args = trl_config(config, ctx.artifact("trainer"))  # first: ZeRO-3 partitions only models loaded after it
+    tokenizer = load_tokenizer(config.model, padding_side="left")
+    trainable = load_trainable(config.model, config.lora)
+    reference = frozen_reference(config.model, config.lora, config.precompute_ref_log_probs)
+    return make_trainer(cls, trainable, args, tokenizer, ctx, train, evaluation, ref_model=reference)
+
+
+def run_metrics(trainer: Any, result: Any) -> dict[str, Any]:
+    """`final_train_metrics` plus what the trainer's accelerator really ran with: the world size
+    (`num_processes`) and the mixed precision."""
+    accelerator = trainer.accelerator
+    return {**final_train_metrics(trainer, result), "num_processes": accelerator.num_processes,
+            "mixed_precision": str(accelerator.mixed_precision)}  # fmt: skip
+
+
 def frozen_reference(spec: ModelSpec, lora: LoraSpec | None, precomputed: bool) -> Any:
     """The reference model to hand a TRL preference trainer (DPO, KTO) whose reference must be the
     stage's starting model. None with LoRA (the trainer disables the adapter: no second copy) and with
@@ -137,15 +163,7 @@ def run_sft(
     num_params = sum(p.numel() for p in trainable.model.parameters())
     work_dir = ctx.artifact("trainer")
     args = trl_config(config, work_dir, trl_class, eval_strategy="steps" if evaluation is not None else "no")
-    trainer = SFTTrainer(
-        model=trainable.model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=trainable.peft_config,
-        callbacks=[metrics_callback(ctx.metrics)],
-    )
+    trainer = make_trainer(SFTTrainer, trainable, args, tokenizer, ctx, train, evaluation)
     logger.info("%s: %d examples, %s", config.type, len(train), "LoRA" if lora else "full fine-tune")
     result = trainer.train()
     metrics = {**final_train_metrics(trainer, result), "num_params": num_params}

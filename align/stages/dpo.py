@@ -43,16 +43,9 @@ from pydantic import BeforeValidator, Field, PositiveInt
 
 from align.artifacts import EVAL, StageContext
 from align.data import load_dataset, prepare_preference_pairs
-from align.models import load_tokenizer, load_trainable
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, TrlStageConfig
-from align.training import (
-    final_train_metrics,
-    frozen_reference,
-    metrics_callback,
-    save_trained_model,
-    trl_config,
-)
+from align.training import preference_trainer, run_metrics, save_trained_model
 
 logger = logging.getLogger("align")
 
@@ -210,28 +203,14 @@ def build_trainer(config: Config, ctx: StageContext) -> Any:
     evaluation = None
     if config.eval_dataset is not None:
         evaluation = prepare_preference_pairs(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed), **prepare)
-    # The TRL config first: under DeepSpeed ZeRO-3 only models created after it are partitioned at load.
-    args = trl_config(config, ctx.artifact("trainer"))
-    tokenizer = load_tokenizer(config.model, padding_side="left")
-    trainable = load_trainable(config.model, config.lora)
-    return DPOTrainer(
-        model=trainable.model,
-        ref_model=frozen_reference(config.model, config.lora, config.precompute_ref_log_probs),
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=trainable.peft_config,
-        callbacks=[metrics_callback(ctx.metrics)],
-    )
+    return preference_trainer(DPOTrainer, config, ctx, train, evaluation)
 
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     trainer = build_trainer(config, ctx)
-    accelerator = trainer.accelerator
     logger.info("dpo: %d pairs, loss %s, beta %g, %s, %d process(es)", len(trainer.train_dataset),
                 "+".join(config.loss_type), config.beta, "LoRA" if config.lora else "full fine-tune",
-                accelerator.num_processes)  # fmt: skip
+                trainer.accelerator.num_processes)  # fmt: skip
     before: dict[str, float] = {}
     references: list[Any] = []
     if trainer.eval_dataset is not None:
@@ -240,9 +219,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         drift = float((start[:, :2] - start[:, 2:]).abs().max()) if len(start) else 0.0
         if trainer.is_world_process_zero():
             ctx.metrics.log(EVAL, 0, **before)
-    result = trainer.train()
-    metrics = final_train_metrics(trainer, result)
-    metrics.update(num_processes=accelerator.num_processes, mixed_precision=str(accelerator.mixed_precision))
+    metrics = run_metrics(trainer, trainer.train())
     if trainer.eval_dataset is not None:
         end, _ = pair_logps(trainer, references)
         after = pair_metrics(end, config.beta)

@@ -29,16 +29,9 @@ from pydantic import Field, PositiveInt
 
 from align.artifacts import StageContext
 from align.data import load_dataset, preference_layout, prepare_preference_pairs, with_system_prompt
-from align.models import load_tokenizer, load_trainable
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, DataSpec, LoraSpec, TrlStageConfig
-from align.training import (
-    final_train_metrics,
-    frozen_reference,
-    metrics_callback,
-    save_trained_model,
-    trl_config,
-)
+from align.training import preference_trainer, run_metrics, save_trained_model
 
 logger = logging.getLogger("align")
 
@@ -118,19 +111,7 @@ def build_trainer(config: Config, ctx: StageContext) -> Any:
     evaluation = None
     if config.eval_dataset is not None:
         evaluation = _prepare(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed), config)
-    args = trl_config(config, ctx.artifact("trainer"))  # first: ZeRO-3 partitions only models loaded after it
-    tokenizer = load_tokenizer(config.model, padding_side="left")
-    trainable = load_trainable(config.model, config.lora)
-    return KTOTrainer(
-        model=trainable.model,
-        ref_model=frozen_reference(config.model, config.lora, config.precompute_ref_log_probs),
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=trainable.peft_config,
-        callbacks=[metrics_callback(ctx.metrics)],
-    )
+    return preference_trainer(KTOTrainer, config, ctx, train, evaluation)
 
 
 def _held_out(trainer: Any) -> dict[str, float]:
@@ -144,14 +125,11 @@ def _held_out(trainer: Any) -> dict[str, float]:
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     trainer = build_trainer(config, ctx)
-    accelerator = trainer.accelerator
     logger.info("kto: %d examples, loss %s, beta %g, %s, %d process(es)", len(trainer.train_dataset),
                 config.loss_type, config.beta, "LoRA" if config.lora else "full fine-tune",
-                accelerator.num_processes)  # fmt: skip
+                trainer.accelerator.num_processes)  # fmt: skip
     before = _held_out(trainer) if trainer.eval_dataset is not None else {}
-    result = trainer.train()
-    metrics = final_train_metrics(trainer, result)
-    metrics.update(num_processes=accelerator.num_processes, mixed_precision=str(accelerator.mixed_precision))
+    metrics = run_metrics(trainer, trainer.train())
     if trainer.eval_dataset is not None:
         after = _held_out(trainer)
         for key in after:  # (both evaluations are also `eval` rows in metrics.jsonl, under TRL's names)

@@ -15,8 +15,8 @@ import torch
 
 from align.artifacts import MetricsWriter, StageContext, read_metrics
 from align.recipe.errors import RecipeError
-from align.recipe.validate import load_recipe, load_recipe_text
-from align.runner import run_recipe
+from align.recipe.validate import load_recipe_text
+from tests.stage_run import run_stage
 
 RECIPE = """\
 name: dpo-test
@@ -38,13 +38,8 @@ stages:
 
 
 def train(tmp_path: Path, *overrides: str) -> tuple[dict[str, Any], Path, list[dict[str, Any]]]:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE)
-    manifest = run_recipe(load_recipe(path, list(overrides)), tmp_path / "run", report=lambda _: None)
-    record = manifest.record("dpo")
-    assert record.status == "complete", record.error
-    stage_dir = tmp_path / "run" / "dpo"
-    return record.metrics, tmp_path / "run" / record.artifacts["model"], read_metrics(stage_dir / "metrics.jsonl")
+    metrics, model_dir, stage_dir = run_stage(tmp_path, RECIPE, "dpo", *overrides)
+    return metrics, model_dir, read_metrics(stage_dir / "metrics.jsonl")
 
 
 def tiny() -> Any:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from align.recipe.errors import RecipeError
-from align.recipe.validate import load_recipe, load_recipe_text
-from align.runner import run_recipe
+from align.recipe.validate import load_recipe_text
+from tests.stage_run import run_stage
 from tests.stages.test_dpo import adapter_starting_model, assert_reference_is, stage_context
 
 RECIPE = """\
@@ -32,12 +32,8 @@ stages:
 
 
 def train(tmp_path: Path, *overrides: str) -> tuple[dict[str, Any], Path]:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE)
-    manifest = run_recipe(load_recipe(path, list(overrides)), tmp_path / "run", report=lambda _: None)
-    record = manifest.record("kto")
-    assert record.status == "complete", record.error
-    return record.metrics, tmp_path / "run" / record.artifacts["model"]
+    metrics, model_dir, _ = run_stage(tmp_path, RECIPE, "kto", *overrides)
+    return metrics, model_dir
 
 
 def test_reference_is_the_starting_model_merged_from_an_adapter(tmp_path: Path) -> None:
