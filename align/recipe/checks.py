@@ -122,9 +122,8 @@ class CheckContext:
             except RuleResolutionError as err:
                 self.error((*rel_path, i, "rule"), str(err))
                 continue
-            for key, message in rule_param_problems(fn, spec.params):
-                where = (*rel_path, i, "params", key) if key in spec.params else (*rel_path, i, "params")
-                self.error(where, f"reward rule '{spec.rule}': {message}")
+            for _, message in rule_param_problems(fn, spec.params):  # the message names the parameter
+                self.error((*rel_path, i, "params"), f"reward rule '{spec.rule}': {message}")
         names = [spec.display_name for spec in rewards]
         for name in sorted({n for n in names if names.count(n) > 1}):
             self.error(rel_path, f"reward name '{name}' is used {names.count(name)} times; give each a distinct `name`")

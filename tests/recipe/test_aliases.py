@@ -63,7 +63,7 @@ def test_ported_names_keep_align_checks_and_conflicts_are_errors() -> None:
         load_recipe_text(bad)
     messages = {".".join(map(str, p.path)): p.message for p in caught.value.problems}
     assert "overlong_buffer (512) must be less than max_completion_length (512)" in messages[
-        "stages.0.rewards.1.params.overlong_buffer"]  # align's name of the key: the line is the params block
+        "stages.0.rewards.1.params"]  # named by align's name of the key
     twice = RECIPE.replace("repetition_n_grams: 4,", "repetition_n_grams: 4, ngram_size: 2,")
     with pytest.raises(RecipeError, match="'ngram_size' is given twice: as 'repetition_n_grams' and as 'ngram_size'"):
         load_recipe_text(twice)
