@@ -180,10 +180,30 @@ def _recipes_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="the YAML given to open-r1's grpo.py or `trl grpo --config`")
+    parser.add_argument("-o", "--output", type=Path, help="write the recipe here (default: print it)")
+    parser.add_argument("--num-processes", type=int, help="processes for the grpo stage (default: the fewest "
+                        "the batch arithmetic allows)")
+
+
+def _recipes_import(args: argparse.Namespace) -> int:
+    from align.recipe.importer import import_file
+
+    text = import_file(args.config, args.output, args.num_processes)
+    if args.output is None:
+        print(text, end="")
+        return 0
+    args.output.write_text(text, encoding="utf-8")
+    print(f"[align] wrote {args.output}; check it with: align validate {args.output}")
+    return 0
+
+
 #: `align recipes <name>`: (help, add the subcommand's arguments, run it). A new subcommand is one entry.
 RECIPES_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "list": ("the shipped recipes, each with its first comment line", lambda parser: None, _recipes_list),
     "copy": ("copy a shipped recipe to edit (with the accelerate configs it names)", _copy_arguments, _recipes_copy),
+    "import": ("write an align recipe from an open-r1 / TRL GRPO config", _import_arguments, _recipes_import),
 }
 
 

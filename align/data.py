@@ -1,12 +1,14 @@
 """Datasets: embedded tasks, local files (JSONL/JSON/Parquet/CSV or a `save_to_disk` folder) and hub
-names, behind one `load_dataset(spec)`; `probe_columns` reads only the first rows, for validation."""
+names, behind one `load_dataset(spec)`; `probe_columns` reads only the first rows, for validation.
+Also the one preparation of preference pairs (`prepare_preference_pairs`) the pairwise stages share."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from align.paths import resolve_user_path
 from align.recipe.schema import DataSpec
@@ -189,3 +191,99 @@ def chat_prompt(prompt: Any, system_prompt: str | None = None, conversational: b
     if isinstance(prompt, str) and conversational:
         prompt = [{"role": "user", "content": prompt}]
     return with_system_prompt(prompt, system_prompt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Preference pairs: the one preparation the reward_model and dpo stages share
+# ------------------------------------------------------------------------------------------------
+
+#: How pairs expanded from a ranking are weighted (see `expand_rankings`).
+PairWeighting = Literal["per_prompt", "per_pair"]
+
+
+def preference_layout(columns: Any, ranking_column: str = "ranking") -> str | None:
+    """`pairs` (chosen + rejected), `rankings` (prompt + a best-first list column), or None."""
+    columns = set(columns)
+    if {"chosen", "rejected"} <= columns:
+        return "pairs"
+    if {"prompt", ranking_column} <= columns:
+        return "rankings"
+    return None
+
+
+def preference_layout_problem(columns: Any, path: str, ranking_column: str = "ranking") -> str | None:
+    """Why a dataset cannot be read as preference data (None when it can), for validation."""
+    if preference_layout(columns, ranking_column) is not None:
+        return None
+    return (f"dataset '{path}' needs columns chosen+rejected (pairs) or prompt+{ranking_column} (rankings, best "
+            f"first); it has: {', '.join(sorted(columns)) or 'nothing'}")
+
+
+def expand_rankings(
+    rows: dict[str, list[Any]], ranking_column: str = "ranking", weighting: PairWeighting | None = "per_prompt"
+) -> dict[str, list[Any]]:
+    """Rankings (k responses per prompt, best first) → every pair (better, worse), C(k, 2) per prompt.
+
+    Returns columns `prompt`, `chosen`, `rejected` (plus `margin` copied per prompt if the input has
+    one) and, unless `weighting` is None, `weight`: with `per_prompt` a prompt's pairs share weight
+    1/C(k, 2), then all weights are scaled so their mean is 1; `per_pair` gives every pair weight 1.
+    Rows with fewer than two responses give no pair.
+    """
+    out: dict[str, list[Any]] = {"prompt": [], "chosen": [], "rejected": [], "weight": []}
+    has_margin = "margin" in rows
+    if has_margin:
+        out["margin"] = []
+    for index, (prompt, ranking) in enumerate(zip(rows["prompt"], rows[ranking_column], strict=True)):
+        k = len(ranking)
+        if k < 2:
+            continue
+        weight = 1.0 / math.comb(k, 2) if weighting == "per_prompt" else 1.0
+        for better in range(k):
+            for worse in range(better + 1, k):
+                out["prompt"].append(prompt)
+                out["chosen"].append(ranking[better])
+                out["rejected"].append(ranking[worse])
+                out["weight"].append(weight)
+                if has_margin:
+                    out["margin"].append(rows["margin"][index])
+    if weighting is None:
+        del out["weight"]
+    elif out["weight"]:
+        mean = sum(out["weight"]) / len(out["weight"])
+        out["weight"] = [w / mean for w in out["weight"]]
+    return out
+
+
+def prepare_preference_pairs(
+    dataset: Any,
+    *,
+    ranking_column: str = "ranking",
+    weighting: PairWeighting | None = "per_prompt",
+    keep: tuple[str, ...] = (),
+    system_prompt: str | None = None,
+) -> Any:
+    """Preference data as TRL's pairwise trainers read it: `prompt` (when explicit), `chosen`,
+    `rejected`, plus the optional columns in `keep` (e.g. `margin`) the data has.
+
+    Rankings are expanded into all their pairs (`expand_rankings`; a `weight` column unless
+    `weighting` is None). A text `prompt` next to conversational `chosen`/`rejected` is dropped: such
+    conversations (UltraFeedback-style) already hold the prompt, and TRL takes it from their shared
+    start. `system_prompt` is added to conversational prompts that have none.
+    """
+    from datasets import Dataset
+
+    if preference_layout(dataset.column_names, ranking_column) == "rankings":
+        columns = [c for c in ("prompt", ranking_column, *keep) if c in dataset.column_names]
+        expanded = expand_rankings(dataset.select_columns(columns).to_dict(), ranking_column, weighting)
+        dataset = Dataset.from_dict({k: v for k, v in expanded.items() if k in ("prompt", "chosen", "rejected",
+                                                                                 "weight", *keep)})
+    else:
+        columns = [c for c in ("prompt", "chosen", "rejected", *keep) if c in dataset.column_names]
+        if "prompt" in columns and isinstance(dataset[0]["prompt"], str) and isinstance(dataset[0]["chosen"], list):
+            columns.remove("prompt")
+        dataset = dataset.select_columns(columns)
+    if system_prompt:
+        targets = ["prompt"] if "prompt" in dataset.column_names else ["chosen", "rejected"]
+        if isinstance(dataset[0][targets[0]], list):
+            dataset = dataset.map(lambda row: {c: with_system_prompt(row[c], system_prompt) for c in targets})
+    return dataset

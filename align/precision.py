@@ -7,9 +7,10 @@
   so they are used only when a stage asks for it (`pure_bf16: true`, LLaMA-Factory's name).
   DeepSpeed and FSDP keep their own fp32 masters whatever the loaded dtype. Under LoRA only the
   adapter learns: the frozen base loads like a frozen model and PEFT keeps the adapter in float32.
-- A frozen model (reference, reward model, teacher, sampler) loads in the compute dtype: bf16 on a
-  bf16 GPU, fp16 on an fp16-only GPU, float32 on the CPU — or in the `dtype` its spec names
-  (`auto`: the checkpoint's own dtype, as Hugging Face means it).
+- A frozen model (reward model, teacher, sampler) loads in the compute dtype: bf16 on a bf16 GPU,
+  fp16 on an fp16-only GPU, float32 on the CPU — or in the `dtype` its spec names (`auto`: the
+  checkpoint's own dtype, as Hugging Face means it). A KL or DPO reference is the exception: it
+  loads as the policy does, so that under the same autocast the two agree exactly at the start.
 - A trained model is saved in the dtype its spec names, else in the dtype of the checkpoint it
   started from (a bf16 hub model comes back bf16; the embedded fp32 models stay fp32).
 

@@ -20,6 +20,7 @@ import re
 import sys
 import threading
 import time
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -47,6 +48,7 @@ __all__ = [
     "Scores",
     "bind_rule",
     "check_rule_params",
+    "rule_param_problems",
     "coerce_params",
     "describe_rules",
     "resolve_rule",
@@ -91,8 +93,45 @@ def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+#: Words that say what a rule scores, by kind (the kinds of `reward_rules.RULE_KINDS`).
+KIND_WORDS: dict[str, frozenset[str]] = {
+    "math": frozenset({"accuracy", "acc", "math", "answer", "correct", "correctness", "verify", "boxed", "equation"}),
+    "format": frozenset({"format", "tag", "tags", "structure", "xml", "template"}),
+    "code": frozenset({"code", "python", "program", "programming", "test", "tests", "unit", "exec", "sandbox"}),
+    "length": frozenset({"length", "len", "overlong", "long", "short", "cosine", "tokens"}),
+    "repetition": frozenset({"repetition", "repeat", "repeated", "ngram", "ngrams", "duplicate"}),
+    "language": frozenset({"language", "lang", "script", "consistency", "multilingual"}),
+    "reasoning": frozenset({"reasoning", "steps", "step", "thinking"}),
+}
+
+
+def name_kinds(name: str) -> frozenset[str]:
+    """The kinds a rule name's words point at (`code_format` → code and format)."""
+    words = set(re.split(r"[^a-z]+", name.lower()))
+    return frozenset(kind for kind, vocabulary in KIND_WORDS.items() if words & vocabulary)
+
+
+def rule_kinds(name: str) -> frozenset[str]:
+    """What a known rule scores: a built-in's declared kinds, else what its name says."""
+    from reward_rules import RULE_KINDS
+
+    return RULE_KINDS.get(name) or name_kinds(name)
+
+
+def _did_you_mean_rule(name: str, candidates: Sequence[str]) -> str:
+    """A "did you mean" that only offers rules scoring the same things: a name that says what it
+    scores (`code_format`: code and format) is only matched to rules that score all of that, never
+    to a lookalike that scores something else (`format`). A name whose words say nothing (a typo,
+    `acuracy`) is matched by spelling alone."""
+    wanted = name_kinds(name)
+    if not wanted:
+        return _did_you_mean(name, candidates)
+    # Kind already narrows the field, so spelling may be looser (`format_code` → `code_format`).
+    return _did_you_mean(name, [c for c in candidates if wanted <= rule_kinds(c)], cutoff=0.5)
+
+
+def _did_you_mean(name: str, candidates: Sequence[str], cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=cutoff)
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
@@ -226,9 +265,16 @@ def resolve_rule(spec: str, base_dir: Path | None = None) -> RewardFunction:
             ) from error
         return _check_callable(obj, spec)
 
+    from align.recipe.aliases import UNSUPPORTED_RULES
+
+    if spec in UNSUPPORTED_RULES:
+        raise RuleResolutionError(
+            f"{UNSUPPORTED_RULES[spec]}; align has no such rule. Give your own as 'path/to/file.py:function' "
+            "(TRL's reward signature), or use 'code' for Python programs checked on stdin/stdout tests."
+        )
     known = sorted(set(builtin) | set(entry_points))
     raise RuleResolutionError(
-        f"unknown reward rule {spec!r}.{_did_you_mean(spec, known)} Known rules: {', '.join(known)}; "
+        f"unknown reward rule {spec!r}.{_did_you_mean_rule(spec, known)} Known rules: {', '.join(known)}; "
         "or give 'pkg.module:function' or 'path/to/file.py:function'."
     )
 
@@ -267,7 +313,7 @@ def _call_target(fn: Any) -> Any:
 def _type_hints(fn: Any) -> dict[str, Any]:
     target = _call_target(fn)
     try:
-        return typing.get_type_hints(target)
+        return typing.get_type_hints(target, include_extras=True)  # extras: the bounds a rule declares
     except Exception:
         pass
     # One unresolvable forward reference makes get_type_hints give up on all of them: resolve
@@ -309,59 +355,79 @@ def rule_signature(fn: Callable[..., Any]) -> RuleSignature:
     return RuleSignature(tuple(columns), params, tuple(optional), accepts_kwargs)
 
 
+_BOUNDS = (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
+
+
 def type_name(annotation: Any) -> str:
-    """Readable name of an annotation: ``float``, ``int | None``, ``Literal['en', 'zh']``."""
+    """Readable name of an annotation: ``float``, ``int | None``, ``Literal['en', 'zh']``, and for a
+    constrained one its bounds: ``float ≤ 0``, ``int ≥ 1``, ``non-empty str``."""
     if annotation is Any or annotation is inspect.Parameter.empty:
         return "any"
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *metadata = typing.get_args(annotation)
+        found = {key: getattr(m, key) for m in metadata for key, _ in _BOUNDS if getattr(m, key, None) is not None}
+        name = type_name(base)
+        low, high = [k for k in ("gt", "ge") if k in found], [k for k in ("lt", "le") if k in found]
+        if low and high:  # an interval: float in [0.0, 1.0)
+            return (f"{name} in {'[' if low[0] == 'ge' else '('}{found[low[0]]}, "
+                    f"{found[high[0]]}{']' if high[0] == 'le' else ')'}")
+        return " ".join([name, *(f"{sign} {found[key]}" for key, sign in _BOUNDS if key in found)])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(type_name(arg) for arg in typing.get_args(annotation))
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
 
 
-def _validate(annotation: Any, value: Any) -> str | None:
-    """None when ``value`` fits ``annotation`` (pydantic strict mode; ints pass as floats)."""
-    if annotation is Any:
-        return None
-    from pydantic import TypeAdapter, ValidationError
+def _validate(annotation: Any, value: Any, name: str | None = None) -> str | None:
+    """None when ``value`` fits ``annotation``: its type in pydantic strict mode ("3" is not an int,
+    1 is not a bool, 3 is a fine float) and its bounds."""
+    from reward_rules._params import value_problem
 
-    try:
-        adapter = TypeAdapter(annotation)
-    except Exception:  # an annotation pydantic cannot model: nothing to check against
-        return None
-    try:
-        adapter.validate_python(value, strict=True)
-    except ValidationError as error:
-        return "; ".join(e["msg"] for e in error.errors())
-    return None
+    return value_problem(annotation, value, name)
 
 
-def check_rule_params(fn: Callable[..., Any], params: Mapping[str, Any]) -> list[str]:
-    """Problems with the parameters a recipe gives a rule, as sentences; empty when all is fine.
+def rule_param_problems(fn: Callable[..., Any], params: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+    """Problems with the parameters a recipe gives a rule, as (parameter or None, sentence); empty
+    when all is fine.
 
-    Reports unknown names (with "did you mean"), dataset columns given as parameters, values whose
-    type does not match the annotation (pydantic strict mode: "3" is not an int, 1 is not a bool,
-    3 is a fine float), and missing parameters that have no default.
+    Reports unknown names (with "did you mean"), dataset columns given as parameters, values that
+    do not fit the annotation (type, in pydantic strict mode, and the bounds the rule declares in it:
+    ``max_penalty ≤ 0``), missing parameters that have no default, and — once every value fits on
+    its own — the relations between parameters the rule declares with ``@checks``
+    (``overlong_buffer < max_completion_length``). These are the rule's own checks, the ones a call
+    runs: what validates here does not fail on every sample in training.
     """
+    from reward_rules._params import relation_problems
+
     signature = rule_signature(fn)
-    problems: list[str] = []
+    problems: list[tuple[str | None, str]] = []
     for key, value in params.items():
         if key not in signature.params:
             if key in signature.columns or key in signature.optional_columns:
-                problems.append(f"{key!r} is a dataset column this rule reads, not a parameter")
+                problems.append((key, f"{key!r} is a dataset column this rule reads, not a parameter"))
                 continue
             known = ", ".join(sorted(signature.params)) or "none"
             problems.append(
-                f"unknown parameter {key!r}.{_did_you_mean(key, list(signature.params))} Known parameters: {known}"
+                (key, f"unknown parameter {key!r}.{_did_you_mean(key, list(signature.params))} Known parameters: {known}")
             )
             continue
         annotation, _ = signature.params[key]
-        error = _validate(annotation, value)
+        error = _validate(annotation, value, key)
         if error is not None:
-            problems.append(f"parameter {key!r} must be {type_name(annotation)}, got {value!r}: {error}")
+            problems.append((key, f"parameter {key!r} must be {type_name(annotation)}, got {value!r}: {error}"))
     for key, (annotation, default) in signature.params.items():
         if default is REQUIRED and key not in params:
-            problems.append(f"missing required parameter {key!r} ({type_name(annotation)})")
+            problems.append((None, f"missing required parameter {key!r} ({type_name(annotation)})"))
+    if not problems:
+        target = fn.fn if isinstance(fn, BoundRule) else fn
+        problems.extend(relation_problems(target, params))
     return problems
+
+
+def check_rule_params(fn: Callable[..., Any], params: Mapping[str, Any]) -> list[str]:
+    """The sentences of `rule_param_problems`."""
+    return [message for _, message in rule_param_problems(fn, params)]
 
 
 def coerce_params(fn: Callable[..., Any], params: Mapping[str, Any]) -> dict[str, Any]:

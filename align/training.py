@@ -1,6 +1,6 @@
 """Glue between a stage's typed config and a TRL trainer: building the TRL config with device-sane
-defaults, logging trainer metrics into the stage's metrics.jsonl, saving the trained model, and the
-one SFT routine the sft and distill stages share."""
+defaults, logging trainer metrics into the stage's metrics.jsonl, saving the trained model, the
+reference model of the preference trainers, and the one SFT routine the sft and distill stages share."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from align.artifacts import TRAIN, MetricsWriter, metric_kind
 from align.console import StageProgress
 from align.data import with_system_prompt
 from align.models import (
+    load_causal_lm,
     load_tokenizer,
     load_trainable,
     save_dtype,
@@ -27,6 +28,7 @@ from align.tracking import trackers
 
 if TYPE_CHECKING:
     from align.artifacts import StageContext
+    from align.precision import Precision
 
 logger = logging.getLogger("align")
 
@@ -76,6 +78,49 @@ def prepare_sft_dataset(dataset: Any, system_prompt: str | None) -> Any:
     if system_prompt and keep[0] in ("messages", "prompt") and isinstance(dataset[0][keep[0]], list):
         dataset = dataset.map(lambda row: {keep[0]: with_system_prompt(row[keep[0]], system_prompt)})
     return dataset
+
+
+def make_trainer(cls: Any, trainable: Any, args: Any, tokenizer: Any, ctx: StageContext, train: Any,
+                 evaluation: Any = None, **extra: Any) -> Any:
+    """A TRL trainer of class `cls` for a stage: the model (and the PEFT config it wraps itself) from
+    `load_trainable`, the stage's data, align's metrics callback and console."""
+    trainer = cls(model=trainable.model, args=args, train_dataset=train, eval_dataset=evaluation,
+                  processing_class=tokenizer, peft_config=trainable.peft_config,
+                  callbacks=[metrics_callback(ctx.metrics)], **extra)  # fmt: skip
+    return attach_console(trainer, ctx)
+
+
+def preference_trainer(cls: Any, config: Any, ctx: StageContext, train: Any, evaluation: Any = None) -> Any:
+    """A TRL preference trainer (DPOTrainer, KTOTrainer) whose reference is the stage's starting model
+    (`frozen_reference`). `config` has `model`, `lora` and `precompute_ref_log_probs`."""
+    args = trl_config(config, ctx.artifact("trainer"))  # first: ZeRO-3 partitions only models loaded after it
+    tokenizer = load_tokenizer(config.model, padding_side="left")
+    precision = config.precision()
+    trainable = load_trainable(config.model, config.lora, precision=precision)
+    reference = frozen_reference(config.model, config.lora, config.precompute_ref_log_probs, precision)
+    return make_trainer(cls, trainable, args, tokenizer, ctx, train, evaluation, ref_model=reference)
+
+
+def run_metrics(trainer: Any, result: Any) -> dict[str, Any]:
+    """`final_train_metrics` plus what the trainer's accelerator really ran with: the world size
+    (`num_processes`) and the mixed precision."""
+    accelerator = trainer.accelerator
+    return {**final_train_metrics(trainer, result), "num_processes": accelerator.num_processes,
+            "mixed_precision": str(accelerator.mixed_precision)}  # fmt: skip
+
+
+def frozen_reference(spec: ModelSpec, lora: LoraSpec | None, precomputed: bool, precision: Precision | None = None) -> Any:
+    """The reference model to hand a TRL preference trainer (DPO, KTO) whose reference must be the
+    stage's starting model. None with LoRA (the trainer disables the adapter: no second copy) and with
+    precomputed reference log-probs (the trainer scores the data with the policy before its first
+    step). Otherwise a frozen copy, loaded exactly as the policy is: left to itself, the trainer would
+    rebuild it from `model.config._name_or_path`, which for a model merged in memory from an adapter
+    folder names the adapter's base — another model."""
+    if lora is not None or precomputed:
+        return None
+    # In the policy's own dtype (float32 masters), not the frozen compute dtype: under the same
+    # autocast the two then agree exactly at step 0, and the implicit rewards start at 0.
+    return load_causal_lm(spec, precision=precision, trainable=True).requires_grad_(False).eval()
 
 
 def warmup_step_count(warmup_steps: float, total_steps: int) -> int:
@@ -166,16 +211,7 @@ def run_sft(
     num_params = sum(p.numel() for p in trainable.model.parameters())
     work_dir = ctx.artifact("trainer")
     args = trl_config(config, work_dir, trl_class, eval_strategy="steps" if evaluation is not None else "no")
-    trainer = SFTTrainer(
-        model=trainable.model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=trainable.peft_config,
-        callbacks=[metrics_callback(ctx.metrics)],
-    )
-    attach_console(trainer, ctx)
+    trainer = make_trainer(SFTTrainer, trainable, args, tokenizer, ctx, train, evaluation)
     logger.info("%s: %d examples, %s", config.type, len(train), "LoRA" if lora else "full fine-tune")
     result = trainer.train()
     metrics = {**final_train_metrics(trainer, result), "num_params": num_params}

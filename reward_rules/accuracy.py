@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from ._params import checks
 from ._text import Completion, completion_texts, last_braced_command, normalize_fullwidth, tag_block
 
 __all__ = ["UnparseableGoldWarning", "Gold", "accuracy", "correctness", "extract_answer", "majority_vote", "parse_gold"]
@@ -267,6 +268,7 @@ def correctness(
     return results
 
 
+@checks()
 def accuracy(
     completions: Sequence[Completion],
     solution: Sequence[Any],

@@ -103,6 +103,16 @@ class CheckContext:
                     f"dataset '{spec.path}' has no column '{column}' ({why}); it has: {', '.join(sorted(columns))}",
                 )
 
+    def check_preference_data(self, spec: DataSpec | None, rel_path: KeyPath, ranking_column: str = "ranking") -> None:
+        """The dataset holds preference pairs (chosen/rejected) or rankings (prompt + a best-first list)."""
+        from align.data import preference_layout_problem
+
+        if spec is None:
+            return
+        columns = self.dataset_columns(spec, rel_path)
+        if columns is not None and (problem := preference_layout_problem(columns, spec.path, ranking_column)):
+            self.error((*rel_path, "path"), problem)
+
     # ---- rewards ----------------------------------------------------------------------------------
 
     def rule_columns(self, rewards: list[RewardSpec]) -> dict[str, str]:
@@ -121,7 +131,7 @@ class CheckContext:
 
     def check_rewards(self, rewards: list[RewardSpec], dataset: DataSpec | None, rel_path: KeyPath = ("rewards",)) -> None:
         """Each rule resolves, its parameters fit its signature, and the dataset has its columns."""
-        from align.rewards import RuleResolutionError, check_rule_params, resolve_rule
+        from align.rewards import RuleResolutionError, resolve_rule, rule_param_problems
 
         for i, spec in enumerate(rewards):
             try:
@@ -129,8 +139,8 @@ class CheckContext:
             except RuleResolutionError as err:
                 self.error((*rel_path, i, "rule"), str(err))
                 continue
-            for message in check_rule_params(fn, spec.params):
-                self.error((*rel_path, i, "params"), message)
+            for _, message in rule_param_problems(fn, spec.params):  # the message names the parameter
+                self.error((*rel_path, i, "params"), f"reward rule '{spec.rule}': {message}")
         names = [spec.display_name for spec in rewards]
         for name in sorted({n for n in names if names.count(n) > 1}):
             self.error(rel_path, f"reward name '{name}' is used {names.count(name)} times; give each a distinct `name`")

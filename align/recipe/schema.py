@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from align.precision import Precision, precision_policy
+from align.recipe.aliases import map_reward, note_once
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]*$"
 REFERENCE = re.compile(r"^\$\{stages\.([A-Za-z][A-Za-z0-9_\-]*)\.([A-Za-z_]+)\}$")
@@ -111,6 +112,18 @@ class RewardSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, description="Name to log it under (default: the rule's name).")
     timeout_s: float | None = Field(default=None, gt=0, description="Wall-clock limit per call; a sample past it scores None.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ported_name(cls, data: Any) -> Any:
+        """open-r1's and TRL's reward names and parameter names become align's (one notice each)."""
+        if isinstance(data, dict) and isinstance(data.get("rule"), str) and isinstance(data.get("params", {}), dict):
+            params = data.get("params") or {}
+            rule, mapped, notice = map_reward(data["rule"].strip(), params)
+            if notice is not None:
+                note_once(notice, (data["rule"], tuple(sorted(params))))
+                data = {**data, "rule": rule, "params": mapped}
+        return data
 
     @property
     def display_name(self) -> str:

@@ -435,9 +435,10 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     policy = load_trainable(config.model, config.lora, precision=precision, wrap_lora=True,
                             gradient_checkpointing=use_gradient_checkpointing(config.gradient_checkpointing)).model
     _disable_dropout(policy)  # after LoRA is applied: its dropout too would make ratio ≠ 1 at the start
-    # With LoRA the reference is the policy with its adapter disabled: no second copy.
-    reference = (None if config.lora else
-                 load_causal_lm(config.model, precision=precision).requires_grad_(False).eval().to(accelerator.device))
+    # With LoRA the reference is the policy with its adapter disabled: no second copy. Otherwise a copy
+    # in the policy's own dtype, so that under the same autocast the KL starts at exactly 0.
+    reference = (None if config.lora else load_causal_lm(config.model, precision=precision, trainable=True)
+                 .requires_grad_(False).eval().to(accelerator.device))
     scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
                           reward_model_batch_size=config.local_rollout_forward_batch_size, precision=precision,
                           seed=ctx.seed)  # fmt: skip
