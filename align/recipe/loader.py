@@ -12,9 +12,19 @@ from align.recipe.errors import KeyPath, Problem, RecipeError
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float: PyYAML's YAML 1.1 resolver wants a dot, and a
-    learning rate silently arriving as the string "1e-3" is the classic recipe bug."""
+    """SafeLoader with YAML 1.2's scalars where 1.1 surprises: `1e-3` is a float (1.1 wants a dot, and
+    a learning rate silently arriving as the string "1e-3" is the classic recipe bug), and only
+    true/false are booleans (1.1 reads `save_strategy: no` as False, which TRL then rejects)."""
 
+
+# Own copy of the resolver table without 1.1's yes/no/on/off booleans, then YAML 1.2's true/false.
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
