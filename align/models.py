@@ -401,11 +401,26 @@ def quantization_config(lora: LoraSpec | None) -> Any:
     )
 
 
-def save_model(model: Any, tokenizer: Any, out_dir: Path, *, merge: bool = False, dtype: str | None = None) -> None:
-    """Save a loadable checkpoint: a full model, or a PEFT adapter (merged into a full model if asked),
-    its weights cast to `dtype` (None: as they are)."""
+def all_finite(model: Any) -> bool:
+    """No parameter holds NaN or inf."""
     import torch
 
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.numel())
+
+
+class NonFiniteWeights(RuntimeError):
+    """A model about to be published holds NaN or inf."""
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: Path, *, merge: bool = False, dtype: str | None = None) -> None:
+    """Save a loadable checkpoint: a full model, or a PEFT adapter (merged into a full model if asked),
+    its weights cast to `dtype` (None: as they are). A model with NaN or inf weights is refused: it
+    would be published as the stage's result and break every stage after it."""
+    import torch
+
+    if not all_finite(model):
+        raise NonFiniteWeights("the trained weights hold NaN or inf (the run diverged: learning rate too high?); "
+                               "not saved as the stage's model")
     out_dir.mkdir(parents=True, exist_ok=True)
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

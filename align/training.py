@@ -10,10 +10,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from align.artifacts import TRAIN, MetricsWriter, metric_kind
+from align.artifacts import TRAIN, MetricsWriter, drop_metrics_after, metric_kind
+from align.checkpoints import checkpoint_dir, complete_checkpoints, latest_checkpoint, mark_complete, step_of
 from align.console import StageProgress
 from align.data import with_system_prompt
 from align.models import (
+    all_finite,
     load_causal_lm,
     load_tokenizer,
     load_trainable,
@@ -22,6 +24,7 @@ from align.models import (
     use_gradient_checkpointing,
     use_stop_tokens,
 )
+from align.preempt import Interrupted, signal_name, stop_agreed, stop_requested
 from align.recipe.schema import LoraSpec, ModelSpec, StageConfig, TrainingKnobs, TrlStageConfig
 from align.recipe.trl_fields import config_class, trl_config_fields
 from align.tracking import trackers
@@ -53,7 +56,12 @@ def trl_config(config: StageConfig, output_dir: Path, trl_class: str | None = No
     # Where the trackers write is set around the whole stage (align.tracking.tracking_env).
     kwargs["report_to"] = trackers(getattr(config, "report_to", None)) or "none"
     kwargs.setdefault("run_name", config.name)
-    kwargs.setdefault("save_strategy", "no")
+    # Checkpoints by default, about a tenth of the steps apart, two kept: a killed stage resumes.
+    kwargs.setdefault("save_strategy", "steps")
+    kwargs.setdefault("save_steps", 0.1)
+    kwargs.setdefault("save_total_limit", 2)
+    # TRL/transformers would otherwise drop NaN/inf losses from the logged average and hide a diverged run.
+    kwargs.setdefault("logging_nan_inf_filter", False)
     kwargs.setdefault("seed", config.seed or 0)
     kwargs.setdefault("data_seed", config.seed or 0)
     kwargs.setdefault("use_cpu", not torch.cuda.is_available())
@@ -83,10 +91,11 @@ def prepare_sft_dataset(dataset: Any, system_prompt: str | None) -> Any:
 def make_trainer(cls: Any, trainable: Any, args: Any, tokenizer: Any, ctx: StageContext, train: Any,
                  evaluation: Any = None, **extra: Any) -> Any:
     """A TRL trainer of class `cls` for a stage: the model (and the PEFT config it wraps itself) from
-    `load_trainable`, the stage's data, align's metrics callback and console."""
+    `load_trainable`, the stage's data, align's metrics callback, guard (checkpoints, signals,
+    divergence) and console."""
     trainer = cls(model=trainable.model, args=args, train_dataset=train, eval_dataset=evaluation,
                   processing_class=tokenizer, peft_config=trainable.peft_config,
-                  callbacks=[metrics_callback(ctx.metrics)], **extra)  # fmt: skip
+                  callbacks=[metrics_callback(ctx.metrics), guard_callback()], **extra)  # fmt: skip
     return attach_console(trainer, ctx)
 
 
@@ -128,6 +137,79 @@ def warmup_step_count(warmup_steps: float, total_steps: int) -> int:
     return math.ceil(warmup_steps * total_steps) if 0 < warmup_steps < 1 else int(warmup_steps)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradient norm or the weights stopped being finite."""
+
+
+class NothingTrained(RuntimeError):
+    """A stage ended without a single optimisation step."""
+
+
+def _last_good(work_dir: Path) -> str:
+    found = complete_checkpoints(work_dir)
+    return f"{found[-1].name}, the last complete checkpoint, stays" if found else "no checkpoint was written before it"
+
+
+def guard_callback(max_kl: float | None = None) -> Any:
+    """The callback every TRL stage runs with: marks each checkpoint complete once it is written,
+    stops at the next step boundary (after a checkpoint) when a signal asked for it, logs at every
+    checkpoint and at the last step (so the logged windows cover every step, across a resume), and
+    stops the run when the loss, gradient or weights are no longer finite, or the logged KL to the
+    reference exceeds `max_kl` — before a bad checkpoint could be the one a resume picks."""
+    from transformers import TrainerCallback
+
+    class _Guard(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if stop_agreed():
+                control.should_save = True
+                control.should_training_stop = True
+            if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
+                control.should_log = True
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            for key in ("loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise TrainingDiverged(f"{key} is {value} at step {state.global_step}: the run diverged (learning "
+                                           f"rate too high?); {_last_good(Path(args.output_dir))}")
+            kl = (logs or {}).get("kl")
+            if max_kl is not None and isinstance(kl, float) and kl > max_kl:
+                raise TrainingDiverged(f"the KL to the reference is {kl:.3g} at step {state.global_step}, beyond max_kl "
+                                       f"({max_kl:g}); {_last_good(Path(args.output_dir))}")
+
+        def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            folder = checkpoint_dir(Path(args.output_dir), state.global_step)
+            if model is not None and not all_finite(model):
+                shutil.rmtree(folder, ignore_errors=True)
+                raise TrainingDiverged(f"the weights hold NaN or inf at step {state.global_step}; that checkpoint "
+                                       f"was removed; {_last_good(Path(args.output_dir))}")
+            if state.is_world_process_zero and folder.is_dir():
+                mark_complete(folder)
+
+    return _Guard()
+
+
+def fit(trainer: Any, metrics_path: Path | None = None) -> Any:
+    """`trainer.train()`, resumed from the newest complete checkpoint in its output folder if a
+    previous attempt left one (metrics logged after that checkpoint are dropped, to be logged again).
+    Raises `Interrupted` when a signal stopped it (its checkpoint written), `NothingTrained` after 0 steps."""
+    work_dir = Path(trainer.args.output_dir)
+    checkpoint = latest_checkpoint(work_dir)
+    if checkpoint is not None:
+        logger.info("resuming from %s (step %d)", checkpoint, step_of(checkpoint))
+        if metrics_path is not None and trainer.is_world_process_zero():
+            drop_metrics_after(metrics_path, step_of(checkpoint))
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None:
+        result.metrics["resumed_from_step"] = step_of(checkpoint)
+    if stop_requested() and trainer.state.global_step < trainer.state.max_steps:
+        # (a signal during the last step lets the stage finish: its model is one save away)
+        raise Interrupted(f"stopped by {signal_name()} at step {trainer.state.global_step}, checkpoint written")
+    if trainer.state.global_step == 0:
+        raise NothingTrained("training ended after 0 steps (no data left to train on?)")
+    return result
+
+
 def save_trained_model(trainer: Any, tokenizer: Any, out_dir: Path, lora: LoraSpec | None, work_dir: Path,
                        start: ModelSpec) -> None:  # fmt: skip
     """On the main process, save the trained model (the adapter, or merged if `lora.merge`) as the
@@ -145,9 +227,12 @@ def metrics_callback(writer: MetricsWriter) -> Any:
 
     class _MetricsCallback(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            if logs and state.is_world_process_zero:
-                values = {"epoch": state.epoch, **_plain(logs)}
-                writer.log(metric_kind(values, default=TRAIN), state.global_step, **values)
+            if not logs or not state.is_world_process_zero:
+                return
+            if "train_runtime" in logs and stop_requested() and state.global_step < state.max_steps:
+                return  # the end-of-training row of an attempt that stopped early: the resumed one writes it
+            values = {"epoch": state.epoch, **_plain(logs)}
+            writer.log(metric_kind(values, default=TRAIN), state.global_step, **values)
 
     return _MetricsCallback()
 
@@ -213,7 +298,7 @@ def run_sft(
     args = trl_config(config, work_dir, trl_class, eval_strategy="steps" if evaluation is not None else "no")
     trainer = make_trainer(SFTTrainer, trainable, args, tokenizer, ctx, train, evaluation)
     logger.info("%s: %d examples, %s", config.type, len(train), "LoRA" if lora else "full fine-tune")
-    result = trainer.train()
+    result = fit(trainer, ctx.metrics.path)
     metrics = {**final_train_metrics(trainer, result), "num_params": num_params}
     if evaluation is not None:
         metrics["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 5)
@@ -231,15 +316,30 @@ def _plain(logs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """Mean loss per step over the whole run, from the logged window means weighted by their number
+    of steps. Unlike transformers' own `training_loss` (the steps of this call only) it stays the
+    whole run's mean across a resume; the guard callback logs at every checkpoint and at the last step."""
+    previous, total, steps = 0, 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            window = entry["step"] - previous
+            total, steps, previous = total + entry["loss"] * window, steps + window, entry["step"]
+    return total / steps if steps else None
+
+
 def final_train_metrics(trainer: Any, result: Any) -> dict[str, Any]:
     """Key figures of a finished training run for the manifest."""
     history = [h for h in trainer.state.log_history if "loss" in h]
+    loss = train_loss(trainer.state.log_history)
     metrics: dict[str, Any] = {
-        "train_loss": round(float(result.training_loss), 5),
+        "train_loss": round(float(result.training_loss if loss is None else loss), 5),
         "steps": int(trainer.state.global_step),
         "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 2),
     }
     if history:
         metrics["first_loss"] = round(float(history[0]["loss"]), 5)
         metrics["last_loss"] = round(float(history[-1]["loss"]), 5)
+    if "resumed_from_step" in result.metrics:
+        metrics["resumed_from_step"] = result.metrics["resumed_from_step"]
     return metrics
