@@ -7,7 +7,6 @@ import copy
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -218,9 +217,9 @@ def test_rollout_mask_stops_after_the_first_eos() -> None:
 
 
 def test_prompt_stream_shards_each_global_batch_between_processes() -> None:
-    from align.stages.ppo import _prompt_stream
+    from align.stages.ppo import PromptStream
 
-    streams = [_prompt_stream(10, 3, SimpleNamespace(num_processes=2, process_index=r), seed=7) for r in (0, 1)]
+    streams = [PromptStream(10, 3, world=2, rank=r, seed=7) for r in (0, 1)]
     per_rank = [[next(s) for _ in range(5)] for s in streams]  # 5 global batches of 6 = 3 epochs of 10
     assert all(len(batch) == 3 for batches in per_rank for batch in batches)
     # Rank 0 takes the first half of every global batch, rank 1 the second; read in order, the global
@@ -229,6 +228,18 @@ def test_prompt_stream_shards_each_global_batch_between_processes() -> None:
     for epoch in range(3):
         assert sorted(flat[10 * epoch : 10 * (epoch + 1)]) == list(range(10))
     assert flat[:10] != flat[10:20]  # reshuffled each epoch
+
+
+def test_prompt_stream_resumes_from_its_state() -> None:
+    """A stream restored from the state saved after 4 batches gives the batches the original gives."""
+    from align.stages.ppo import PromptStream
+
+    original = PromptStream(10, 3, world=1, rank=0, seed=7)
+    for _ in range(4):
+        next(original)
+    restored = PromptStream(10, 3, world=1, rank=0, seed=123)  # another seed: the state must override it
+    restored.load_state_dict(original.state_dict())
+    assert [next(restored) for _ in range(6)] == [next(original) for _ in range(6)]
 
 
 BAD = """\
@@ -330,3 +341,14 @@ def test_full_vocabulary_statistics_are_taken_in_chunks(tmp_path: Path, monkeypa
     monkeypatch.setattr(torch, "log_softmax", recording)
     run_ppo(tmp_path, "stages.ppo.max_steps=1", "stages.ppo.logits_chunk_size=7", "stages.ppo.eval_dataset=null")
     assert rows_seen and max(rows_seen) <= 7
+
+
+def test_a_kl_beyond_max_kl_stops_the_stage_and_publishes_nothing(tmp_path: Path) -> None:
+    from align.runner import StageFailed
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    with pytest.raises(StageFailed, match=r"beyond max_kl \(1e-09\)"):
+        run_recipe(load_recipe(path, ["stages.ppo.max_kl=1e-9", "stages.ppo.learning_rate=1e-2"]), tmp_path / "run",
+                   report=lambda _: None)  # fmt: skip
+    assert not (tmp_path / "run" / "ppo").exists()
