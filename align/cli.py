@@ -84,6 +84,7 @@ def resolved_config(recipe: Any) -> dict[str, Any]:
 def _cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
+    from align.preempt import EXIT_INTERRUPTED, Interrupted
     from align.recipe.validate import load_recipe
     from align.runner import StageFailed, render_report, run_recipe
 
@@ -96,9 +97,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"[align] recipe {args.recipe} is valid ({len(recipe.stages)} stages); run dir: {run_dir}")
     try:
         manifest = run_recipe(recipe, run_dir, command=args.command_line)
-    except KeyboardInterrupt:
-        print("\n[align] interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as err:
+        print(f"\n[align] interrupted ({err or 'Ctrl-C'}); run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except StageFailed as err:  # already reported, with the log's tail and path
         print(f"align: {err}; fix it and run the same command again to resume", file=sys.stderr)
         return 1
@@ -121,17 +122,33 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from align.artifacts import Manifest
+    from align import artifacts as art
     from align.runner import progress_lines, render_report
 
-    manifest = Manifest.read(args.run_dir)
+    try:
+        manifest = art.Manifest.read(args.run_dir)
+    except art.ManifestError as err:
+        print(f"align: {err}\n  `align run` with this run dir moves it aside and rebuilds it from the finished stage "
+              "folders (each holds its result.json)", file=sys.stderr)  # fmt: skip
+        return EXIT_USER_ERROR
     if manifest is None:
         print(f"{args.run_dir}: no manifest.json (not a run directory)", file=sys.stderr)
         return EXIT_USER_ERROR
+    holder = art.lock_holder(args.run_dir)
+    running = [s for s in manifest.stages if s.status == art.RUNNING]
+    if holder:
+        print(f"run: live ({holder})")
+    elif running:
+        print(f"run: not running — stage '{running[0].name}' was killed while it ran; `align run` again resumes it")
+    else:
+        print("run: not running")
     print(render_report(manifest))
-    running = progress_lines(args.run_dir, manifest)
-    if running:
-        print("\nRunning\n" + "\n".join(running))
+    progress = progress_lines(args.run_dir, manifest) if holder else []
+    if progress:
+        print("\nRunning\n" + "\n".join(progress))
+    for stage in manifest.stages:
+        if stage.status in (art.FAILED, art.INTERRUPTED) and stage.error:
+            print(f"\n{stage.name} {stage.status}: {stage.error}\n  log: {art.scratch_dir(args.run_dir, stage.name) / art.LOG}")
     return 0
 
 
@@ -242,6 +259,7 @@ COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "status": _cmd_status, "
 
 
 def main(argv: list[str] | None = None) -> int:
+    from align.artifacts import RunDirInUse
     from align.console import setup_console
     from align.recipe.errors import RecipeError
 
@@ -255,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(err.render(), file=sys.stderr)
         return EXIT_USER_ERROR
-    except (ValueError, OSError) as err:  # bad overrides, unknown rules, unwritable run dirs: the user's to fix
+    except (ValueError, OSError, RunDirInUse) as err:  # bad overrides, unknown rules, run dirs: the user's to fix
         if debug:
             raise
         print(f"align: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from align.console import describe_progress, read_progress
 from align.execute import rank_errors, write_stage_config
 from align.launch import launch_stage
 from align.paths import absolute_if_local, absolute_rule, resolve_user_path
+from align.preempt import Interrupted, signal_name, stop_on_signals, stop_requested
 from align.recipe.schema import (
     REFERENCE,
     REFERENCE_ANYWHERE,
@@ -127,10 +129,14 @@ def fingerprint(config: StageConfig, inputs: dict[str, str], base_dir: Path) -> 
     return digest.hexdigest()[:16]
 
 
-def plan(recipe: Recipe, run_dir: Path) -> list[PlannedStage]:
+_READ = object()
+
+
+def plan(recipe: Recipe, run_dir: Path, manifest: Any = _READ) -> list[PlannedStage]:
     """What runs and why: a stage runs when it never finished, when its fingerprint changed, or when
-    a stage it reads from runs again."""
-    manifest = art.Manifest.read(run_dir)
+    a stage it reads from runs again. `manifest`: the run dir's, read here unless given."""
+    if manifest is _READ:
+        manifest = art.Manifest.read(run_dir)
     records = {s.name: s for s in manifest.stages} if manifest else {}
     planned: dict[str, PlannedStage] = {}
     for stage in recipe.stages:
@@ -213,14 +219,36 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(path.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()[-lines:])
 
 
+def load_manifest(recipe: Recipe, run_dir: Path, report: Reporter = print) -> art.Manifest | None:
+    """The run dir's manifest; a corrupted one is moved aside and rebuilt from the finished stage
+    folders (each result.json describes its stage), and the user is told."""
+    try:
+        return art.Manifest.read(run_dir)
+    except art.ManifestError as err:
+        aside = run_dir / f"{art.MANIFEST}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(run_dir / art.MANIFEST, aside)
+        manifest = art.rebuild_manifest(run_dir, recipe.name, recipe.source, [(s.name, s.type) for s in recipe.stages])
+        manifest.write(run_dir)
+        kept = sum(s.status == art.COMPLETE for s in manifest.stages)
+        report(f"[align] {err}: moved it to {aside.name} and rebuilt it from the finished stage folders "
+               f"({kept} of {len(manifest.stages)} stages complete)")
+        return manifest
+
+
 def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print, command: str | None = None) -> art.Manifest:
-    """Run every stage that needs it, in order. Stops at the first failure (the manifest says which;
-    `StageFailed` is raised after the failure was reported). However it ends — finished, failed or
-    interrupted — the run report (report.html, report.md and its plots) is written into `run_dir`."""
+    """Run every stage that needs it, in order, holding the run dir's lock (a second `align run` on it
+    is refused). Stops at the first failure (`StageFailed`, after the failure was reported) or when
+    a signal interrupts a stage (`Interrupted`: it checkpointed; running again resumes it). However
+    it ends, the run report (report.html, report.md and its plots) is written into `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    planned = plan(recipe, run_dir)
+    with art.RunLock(run_dir), stop_on_signals():
+        return _run(recipe, run_dir, report, command)
+
+
+def _run(recipe: Recipe, run_dir: Path, report: Reporter, command: str | None) -> art.Manifest:
+    old = load_manifest(recipe, run_dir, report)
+    planned = plan(recipe, run_dir, old)
     art.write_text_atomic(run_dir / art.RESOLVED_RECIPE, yaml.safe_dump(recipe.data, sort_keys=False))
-    old = art.Manifest.read(run_dir)
     old_records = {s.name: s for s in old.stages} if old else {}
     manifest = art.Manifest(recipe.name, recipe.source, [])
     manifest.run = {"command": command, "started": time.time(), "ended": None, "versions": library_versions()}
@@ -229,7 +257,14 @@ def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print, command:
         manifest.stages.append(kept if (kept and not item.run) else art.StageRecord(item.config.name, item.config.type))
     manifest.write(run_dir)
     try:
-        _run_planned(planned, manifest, recipe, run_dir, report)
+        for item in planned:
+            name = item.config.name
+            if not item.run:
+                report(f"[align] skip  {name} ({item.config.type}): {item.reason}")
+                continue
+            if stop_requested():
+                raise Interrupted(f"stopped by {signal_name()} before stage '{name}' started")
+            _run_stage(item, manifest, old_records.get(name), recipe, run_dir, report)
     finally:
         manifest.run["ended"] = time.time()
         manifest.write(run_dir)
@@ -241,46 +276,59 @@ def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print, command:
     return manifest
 
 
-def _run_planned(planned: list[PlannedStage], manifest: art.Manifest, recipe: Recipe, run_dir: Path,
-                 report: Reporter) -> None:  # fmt: skip
-    for item in planned:
-        name = item.config.name
-        record = manifest.record(name)
-        if not item.run:
-            report(f"[align] skip  {name} ({item.config.type}): {item.reason}")
-            continue
+def _run_stage(item: PlannedStage, manifest: art.Manifest, previous: art.StageRecord | None, recipe: Recipe,
+               run_dir: Path, report: Reporter) -> None:  # fmt: skip
+    name = item.config.name
+    scratch = art.scratch_dir(run_dir, name)
+    # An unfinished attempt (running when killed, failed, interrupted) is resumed from its scratch
+    # folder when it ran this very config; the folder's own stage_config.json says which it ran.
+    attempted = art.scratch_fingerprint(scratch) if scratch.exists() else None
+    resuming = attempted == item.fingerprint and (previous is None or previous.status != art.COMPLETE)
+    if resuming:
+        report(f"[align] run   {name} ({item.config.type}): {item.reason}; resuming its unfinished attempt")
+    else:
         report(f"[align] run   {name} ({item.config.type}): {item.reason}")
-        scratch = art.scratch_dir(run_dir, name)
-        shutil.rmtree(scratch, ignore_errors=True)
-        record.status, record.fingerprint, record.started = art.RUNNING, item.fingerprint, time.time()
-        record.ended = record.duration_s = record.error = None
-        record.metrics, record.artifacts = {}, {}
-        record.world_size = record.device = None
-        manifest.write(run_dir)
-        try:
-            write_stage_config(scratch, prepared_config(item.config, manifest, run_dir, recipe.base_dir), recipe.base_dir)
-            launch_stage(item.config.launcher or LauncherSpec(), scratch, recipe.base_dir)
-            final = art.publish(run_dir, name)
-        except BaseException as err:
-            record.status, record.ended = art.FAILED, time.time()
-            record.duration_s = round(record.ended - (record.started or record.ended), 2)
-            record.error = "; ".join(rank_errors(scratch)) or f"{type(err).__name__}: {err}"
-            manifest.write(run_dir)
-            if isinstance(err, KeyboardInterrupt | SystemExit):
-                raise
-            report(f"[align] FAILED {name}: {record.error}")
-            if tail := _log_tail(scratch / art.LOG):
-                report(tail)
-            report(f"[align] full log: {scratch / art.LOG}")
-            raise StageFailed(f"stage '{name}' failed: {record.error}") from err
-        result = json.loads((final / art.RESULT).read_text(encoding="utf-8"))
-        record.status, record.ended = art.COMPLETE, time.time()
+        if scratch.exists():
+            if attempted is not None:
+                report(f"[align]       its unfinished attempt ran another config: discarding {scratch.name}")
+            shutil.rmtree(scratch, ignore_errors=True)
+    record = manifest.record(name)
+    record.status, record.fingerprint, record.started = art.RUNNING, item.fingerprint, time.time()
+    record.ended = record.duration_s = record.error = None
+    record.metrics, record.artifacts = {}, {}
+    record.world_size = record.device = None
+    manifest.write(run_dir)
+    try:
+        write_stage_config(scratch, prepared_config(item.config, manifest, run_dir, recipe.base_dir), recipe.base_dir,
+                           item.fingerprint)
+        launch_stage(item.config.launcher or LauncherSpec(), scratch, recipe.base_dir)
+        final = art.publish(run_dir, name)
+    except BaseException as err:
+        record.ended = time.time()
         record.duration_s = round(record.ended - (record.started or record.ended), 2)
-        record.metrics = result.get("metrics", {})
-        record.artifacts = {k: f"{name}/{v}" for k, v in result.get("artifacts", {}).items()}
-        record.world_size, record.device = result.get("world_size"), result.get("device")
+        if isinstance(err, Interrupted):
+            record.status, record.error = art.INTERRUPTED, str(err)
+            manifest.write(run_dir)
+            report(f"[align] interrupted {name}: {err}; run the same command again to resume it")
+            raise
+        record.status = art.FAILED
+        record.error = "; ".join(rank_errors(scratch)) or f"{type(err).__name__}: {err}"
         manifest.write(run_dir)
-        report(f"[align] done  {name} in {record.duration_s:.1f}s {_short_metrics(record.metrics)}")
+        if isinstance(err, KeyboardInterrupt | SystemExit):
+            raise
+        report(f"[align] FAILED {name}: {record.error}")
+        if tail := _log_tail(scratch / art.LOG):
+            report(tail)
+        report(f"[align] full log: {scratch / art.LOG}")
+        raise StageFailed(f"stage '{name}' failed: {record.error}") from err
+    result = json.loads((final / art.RESULT).read_text(encoding="utf-8"))
+    record.status, record.ended = art.COMPLETE, time.time()
+    record.duration_s = round(record.ended - (record.started or record.ended), 2)
+    record.metrics = result.get("metrics", {})
+    record.artifacts = {k: f"{name}/{v}" for k, v in result.get("artifacts", {}).items()}
+    record.world_size, record.device = result.get("world_size"), result.get("device")
+    manifest.write(run_dir)
+    report(f"[align] done  {name} in {record.duration_s:.1f}s {_short_metrics(record.metrics)}")
 
 
 def _short_metrics(metrics: dict[str, Any]) -> str:

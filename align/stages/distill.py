@@ -39,9 +39,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt
 
-from align.artifacts import StageContext
+from align.artifacts import ChunkedJsonl, StageContext, read_committed
 from align.console import StageProgress
-from align.data import chat_prompt, load_dataset, message_text, write_jsonl
+from align.data import chat_prompt, load_dataset, message_text
 from align.generation import load_sampler
 from align.models import (
     checkpoint_parameter_count,
@@ -52,11 +52,14 @@ from align.models import (
     resolve_model_path,
     vocabulary_mismatch,
 )
+from align.preempt import Interrupted, signal_name, stop_requested
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, Model, ModelSpec, SamplingKnobs, TrlStageConfig
 from align.training import (
     attach_console,
     final_train_metrics,
+    fit,
+    guard_callback,
     metrics_callback,
     prepare_sft_dataset,
     run_sft,
@@ -93,6 +96,9 @@ class Config(TrlStageConfig, SamplingKnobs):
     num_generations: PositiveInt = Field(default=1, description="Teacher traces per prompt.")
     temperature: float = Field(default=0.6, ge=0.0, description="Sampling temperature; 0 = greedy traces.")
     drop_truncated: bool = Field(default=True, description="Drop teacher traces that never emitted EOS.")
+    chunk_size: PositiveInt = Field(
+        default=4096, description="Prompts sampled and written per chunk: a resumed stage continues after the last."
+    )
 
     # logit-level (GKDConfig's names; both defaults differ from TRL's 0.5: a fresh student's own
     # samples teach it nothing, and forward KL learnt far faster than JSD(0.5) on the embedded task —
@@ -170,26 +176,52 @@ def trace_source(config: Config, columns: list[str]) -> Literal["teacher", "data
 
 def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: StageContext) -> tuple[Any, dict[str, Any]]:
     """Sample the teacher's traces for every prompt; return them as a prompt/completion dataset (the
-    prompt's other columns kept) and figures about them. Also written to `traces.jsonl`."""
+    prompt's other columns kept) and figures about them. Written to `traces.jsonl` a chunk at a time
+    (by the first process: under accelerate every process samples the same traces), so a resumed
+    stage samples only the chunks not yet committed; each chunk has its own seed, so the traces are
+    those of an uninterrupted run."""
     from datasets import Dataset
 
-    sample = load_sampler(teacher, config, seed=ctx.seed)
-    rows = dataset.to_list()
-    prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
-    with StageProgress(ctx.out_dir, ctx.name, len(prompts) * config.num_generations, unit="sample", phase="traces") as bar:
-        samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed, progress=bar.update)
-    traces: list[dict[str, Any]] = []
-    truncated = 0
-    for row, prompt, row_samples in zip(rows, prompts, samples, strict=True):
-        extra = {k: v for k, v in row.items() if k not in ("prompt", "completion", "messages", "text")}
-        for s in row_samples:
-            if config.drop_truncated and not s.finished:
-                truncated += 1
-                continue
-            completion = [{"role": "assistant", "content": s.text}] if not isinstance(prompt, str) else s.text
-            traces.append({"prompt": prompt, "completion": completion, **extra})
-    if os.environ.get("RANK", "0") == "0":  # under accelerate every process samples the same traces
-        write_jsonl(traces, ctx.artifact(ARTIFACTS["traces"]))
+    name = ARTIFACTS["traces"]
+    writer = ChunkedJsonl(ctx.out_dir, [name]) if os.environ.get("RANK", "0") == "0" else None
+    if writer is not None:
+        writer.open()  # cuts the file back to its last commit, which is what is read next
+    chunks_done, state, traces = read_committed(ctx.out_dir, name)
+    truncated = state.get("dropped_truncated", 0)
+    chunks = range(0, len(dataset), config.chunk_size)
+    if chunks_done:
+        logger.info("distill: resuming trace sampling after %d of %d chunks (%d traces)", chunks_done, len(chunks), len(traces))
+    try:
+        sample = load_sampler(teacher, config, seed=ctx.seed) if chunks_done < len(chunks) else None
+        total = len(dataset) * config.num_generations
+        with StageProgress(ctx.out_dir, ctx.name, total, unit="sample", phase="traces") as bar:
+            for chunk_no, start in enumerate(chunks):
+                if chunk_no < chunks_done:
+                    continue
+                if stop_requested():
+                    raise Interrupted(f"stopped by {signal_name()} after trace chunk {chunk_no} of {len(chunks)}")
+                rows = dataset.select(range(start, min(start + config.chunk_size, len(dataset)))).to_list()
+                prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
+                done = start * config.num_generations
+                assert sample is not None
+                samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed + chunk_no,
+                                 progress=lambda n, done=done: bar.update(done + n))  # fmt: skip
+                for row, prompt, row_samples in zip(rows, prompts, samples, strict=True):
+                    extra = {k: v for k, v in row.items() if k not in ("prompt", "completion", "messages", "text")}
+                    for s in row_samples:
+                        if config.drop_truncated and not s.finished:
+                            truncated += 1
+                            continue
+                        completion = [{"role": "assistant", "content": s.text}] if not isinstance(prompt, str) else s.text
+                        trace = {"prompt": prompt, "completion": completion, **extra}
+                        traces.append(trace)
+                        if writer is not None:
+                            writer.write(name, trace)
+                if writer is not None:
+                    writer.commit(chunk_no + 1, {"dropped_truncated": truncated})
+    finally:
+        if writer is not None:
+            writer.close()
     figures: dict[str, Any] = {"num_traces": len(traces), "dropped_truncated": truncated}
     if traces and "solution" in traces[0]:
         from reward_rules import RULES
@@ -255,10 +287,10 @@ def _train_logit(config: Config, ctx: StageContext, teacher: ModelSpec, train: A
     work_dir = ctx.artifact("trainer")
     trainer = GKDTrainer(model=trainable.model, teacher_model=teacher_model, args=trl_config(config, work_dir),
                          train_dataset=_as_messages(train), processing_class=tokenizer, peft_config=trainable.peft_config,
-                         callbacks=[metrics_callback(ctx.metrics)])  # fmt: skip
+                         callbacks=[metrics_callback(ctx.metrics), guard_callback()])  # fmt: skip
     attach_console(trainer, ctx)
     logger.info("distill (logit): %d traces, student %s parameters", len(train), f"{student_params:,}")
-    result = trainer.train()
+    result = fit(trainer, ctx.metrics.path)
     metrics = final_train_metrics(trainer, result)
     save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir, config.student)
     return metrics, student_params, sum(p.numel() for p in teacher_model.parameters())

@@ -45,7 +45,7 @@ from align.artifacts import EVAL, StageContext
 from align.data import load_dataset, prepare_preference_pairs
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, TrlStageConfig
-from align.training import preference_trainer, run_metrics, save_trained_model
+from align.training import fit, preference_trainer, run_metrics, save_trained_model
 
 logger = logging.getLogger("align")
 
@@ -219,7 +219,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         drift = float((start[:, :2] - start[:, 2:]).abs().max()) if len(start) else 0.0
         if trainer.is_world_process_zero():
             ctx.metrics.log(EVAL, 0, **before)
-    metrics = run_metrics(trainer, trainer.train())
+    metrics = run_metrics(trainer, fit(trainer, ctx.metrics.path))
     if trainer.eval_dataset is not None:
         end, _ = pair_logps(trainer, references)
         after = pair_metrics(end, config.beta)

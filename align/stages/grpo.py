@@ -34,6 +34,8 @@ from align.rewards import Scorer
 from align.training import (
     attach_console,
     final_train_metrics,
+    fit,
+    guard_callback,
     metrics_callback,
     save_trained_model,
     trl_config,
@@ -68,6 +70,9 @@ class Config(TrlStageConfig):
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     beta: float = Field(default=0.0, ge=0, description="KL coefficient (TRL: k3 estimator in the loss); 0 = no reference model.")
+    max_kl: float | None = Field(
+        default=None, gt=0, description="Stop the stage when the logged KL to the reference (TRL's k3, per token) exceeds this."
+    )
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     epsilon: float = Field(default=0.2, gt=0)
@@ -91,6 +96,8 @@ def check(config: Config, ctx: CheckContext) -> None:
     ctx.check_lora(config.lora)
     ctx.check_vllm(config.use_vllm)
     ctx.check_context(ctx.model_spec(config), config, ("max_prompt_length", "max_completion_length"))
+    if config.max_kl is not None and config.beta == 0:
+        ctx.error(("max_kl",), "max_kl needs beta > 0: with beta 0 there is no reference model, and no KL to watch")
     processes = ctx.processes(config)
     steps_per_generation = (config.model_extra or {}).get("steps_per_generation") or config.gradient_accumulation_steps
     generation_batch = config.per_device_train_batch_size * processes * steps_per_generation
@@ -160,6 +167,10 @@ def _prepare(dataset: Any, tokenizer: Any, config: Config) -> Any:
         limit = config.max_prompt_length
         before = len(dataset)
         dataset = dataset.filter(lambda row: len(tokenizer(render_prompt(tokenizer, row["prompt"]))["input_ids"]) <= limit)
+        if len(dataset) == 0:
+            # Training on nothing would publish the input model as this stage's result.
+            raise ValueError(f"every one of the {before} prompts is longer than max_prompt_length ({limit} tokens); "
+                             "raise max_prompt_length or shorten the prompts")
         if len(dataset) < before:
             logger.warning("grpo: dropped %d of %d prompts longer than %d tokens", before - len(dataset), before, limit)
     return dataset
@@ -191,12 +202,12 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=trainable.peft_config,
-        callbacks=[metrics_callback(ctx.metrics), _samples_callback(recorder, ctx.metrics)],
+        callbacks=[metrics_callback(ctx.metrics), _samples_callback(recorder, ctx.metrics), guard_callback(max_kl=config.max_kl)],
     )
     attach_console(trainer, ctx)
     logger.info("grpo: %d prompts, %d generations each, rewards: %s", len(train), config.num_generations,
                 ", ".join(f"{t.name}×{t.weight:g}" for t in scorer.terms))
-    result = trainer.train()
+    result = fit(trainer, ctx.metrics.path)
     metrics = final_train_metrics(trainer, result)
     rewards_logged = [h for h in trainer.state.log_history if "reward" in h]
     if rewards_logged:

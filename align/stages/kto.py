@@ -31,7 +31,7 @@ from align.artifacts import StageContext
 from align.data import load_dataset, preference_layout, prepare_preference_pairs, with_system_prompt
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, DataSpec, LoraSpec, TrlStageConfig
-from align.training import preference_trainer, run_metrics, save_trained_model
+from align.training import fit, preference_trainer, run_metrics, save_trained_model
 
 logger = logging.getLogger("align")
 
@@ -129,7 +129,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
                 config.loss_type, config.beta, "LoRA" if config.lora else "full fine-tune",
                 trainer.accelerator.num_processes)  # fmt: skip
     before = _held_out(trainer) if trainer.eval_dataset is not None else {}
-    metrics = run_metrics(trainer, trainer.train())
+    metrics = run_metrics(trainer, fit(trainer, ctx.metrics.path))
     if trainer.eval_dataset is not None:
         after = _held_out(trainer)
         for key in after:  # (both evaluations are also `eval` rows in metrics.jsonl, under TRL's names)

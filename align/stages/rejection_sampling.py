@@ -53,11 +53,12 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, PrivateAttr, model_validator
 
-from align.artifacts import StageContext
+from align.artifacts import ChunkedJsonl, StageContext
 from align.console import StageProgress
 from align.data import chat_prompt, load_dataset
 from align.generation import load_sampler
 from align.models import resolve_model_path
+from align.preempt import Interrupted, signal_name, stop_requested
 from align.recipe.checks import CheckContext
 from align.recipe.errors import did_you_mean
 from align.recipe.schema import Data, Model, RewardSpec, SamplingKnobs, StageConfig
@@ -421,6 +422,25 @@ class _Tally:
             self.by_difficulty[difficulty][0] += len(samples)
             self.by_difficulty[difficulty][1] += len(kept)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The counts as JSON, for the chunk commits a resumed stage continues from."""
+        return {
+            "generated": self.generated, "accepted": self.accepted, "covered": self.covered, "zero": self.zero,
+            "dropped": dict(self.dropped), "score_sums": dict(self.score_sums), "score_counts": dict(self.score_counts),
+            "gap_sum": self.gap_sum,
+            # a list, not a dict: difficulty values need not be strings, and JSON keys are
+            "by_difficulty": [[d, g, a] for d, (g, a) in self.by_difficulty.items()],
+        }  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Tally:
+        tally = cls(generated=state["generated"], accepted=state["accepted"], covered=state["covered"],
+                    zero=state["zero"], dropped=Counter(state["dropped"]), score_sums=Counter(state["score_sums"]),
+                    score_counts=Counter(state["score_counts"]), gap_sum=state["gap_sum"])  # fmt: skip
+        for d, g, a in state["by_difficulty"]:
+            tally.by_difficulty[d] = [g, a]
+        return tally
+
     def metrics(self, num_prompts: int, mixed: int, generation_s: float) -> dict[str, Any]:
         return {
             "num_prompts": num_prompts,
@@ -451,7 +471,6 @@ class _Tally:
 
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
-    import json
     import os
     import random
 
@@ -473,16 +492,24 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     sample = load_sampler(model_spec, config, seed=ctx.seed)
     written = PROVENANCE_COLUMNS if config.output == "sft" else PAIR_COLUMNS
     columns = [c for c in dataset.column_names if c != "prompt" and c not in REPLACED_COLUMNS | written]
-    tally = _Tally()
-    generation_s = 0.0
-
-    def line(record: dict[str, Any]) -> str:
-        return json.dumps(record, ensure_ascii=False) + "\n"
-
+    chunks = range(0, len(dataset), config.chunk_size)
     bar = StageProgress(ctx.out_dir, ctx.name, len(dataset) * config.num_generations, unit="sample", phase="sampling")
-    with ctx.artifact(ARTIFACTS["dataset"]).open("w", encoding="utf-8") as out, \
-            ctx.artifact(ARTIFACTS["rejected_prompts"]).open("w", encoding="utf-8") as rejected, bar:  # fmt: skip
-        for chunk_no, start in enumerate(range(0, len(dataset), config.chunk_size)):
+    with ChunkedJsonl(ctx.out_dir, [ARTIFACTS["dataset"], ARTIFACTS["rejected_prompts"]]) as files, bar:
+        # A resumed stage continues after its last committed chunk, with the counts as they were then;
+        # each chunk's sampling seed is its own, so the rows are those of an uninterrupted run.
+        chunks_done, state = files.open()
+        tally = _Tally.from_state(state["tally"]) if state else _Tally()
+        generation_s = state.get("generation_s", 0.0)
+        earlier_failures: Counter[str] = Counter(state.get("rule_failures", {}))
+        if chunks_done:
+            bar.update(min(chunks_done * config.chunk_size, len(dataset)) * config.num_generations)
+            logger.info("rejection_sampling: resuming after %d of %d chunks (%d samples kept so far)", chunks_done,
+                        len(chunks), tally.accepted)  # fmt: skip
+        for chunk_no, start in enumerate(chunks):
+            if chunk_no < chunks_done:
+                continue
+            if stop_requested():
+                raise Interrupted(f"stopped by {signal_name()} after chunk {chunk_no} of {len(chunks)}")
             rows = dataset.select(range(start, min(start + config.chunk_size, len(dataset)))).to_list()
             prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
             conversational = not isinstance(prompts[0], str)
@@ -500,7 +527,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
                     if pair is not None:
                         chosen, worse = scored[pair[0]], scored[pair[1]]
                         tally.gap_sum += chosen.total - worse.total
-                        out.write(line({
+                        files.write(ARTIFACTS["dataset"], {
                             "prompt": prompt, **original,
                             "chosen": _completion_value(chosen.text, conversational),
                             "rejected": _completion_value(worse.text, conversational),
@@ -509,23 +536,26 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
                             "chosen_score": chosen.total, "rejected_score": worse.total,
                             "chosen_scores": dict(chosen.scores), "rejected_scores": dict(worse.scores),
                             "score_gap": chosen.total - worse.total,
-                        }))  # fmt: skip
+                        })  # fmt: skip
                 else:
                     kept, dropped = judge(scored, rules)
                     for j in kept:
-                        out.write(line({
+                        files.write(ARTIFACTS["dataset"], {
                             "prompt": prompt, "completion": _completion_value(scored[j].text, conversational),
                             **original, "source": "rejection_sampling", "source_model": source_model,
                             "sample_index": j, "score": scored[j].total, "scores": dict(scored[j].scores),
-                        }))  # fmt: skip
+                        })  # fmt: skip
                 tally.add(scored, kept, dropped, row.get("difficulty"))
                 if not kept:
                     best = max((s.total for s in scored), default=None)
-                    rejected.write(line({"prompt": prompt, **original, "num_samples": len(scored), "best_score": best,
-                                         "dropped": dict(dropped)}))  # fmt: skip
+                    files.write(ARTIFACTS["rejected_prompts"], {"prompt": prompt, **original, "num_samples": len(scored),
+                                                                "best_score": best, "dropped": dict(dropped)})  # fmt: skip
+            files.commit(chunk_no + 1, {"tally": tally.state_dict(), "generation_s": generation_s,
+                                        "rule_failures": dict(earlier_failures + Counter(scorer.failures()))})  # fmt: skip
             logger.info("rejection_sampling: %d/%d prompts done, %d of %d samples kept",
                         min(start + config.chunk_size, len(dataset)), len(dataset), tally.accepted, tally.generated)
 
+        # The mix comes after the last commit: a stage killed while mixing redoes only the mix.
         mixed = 0
         if config.mix_dataset is not None:
             pairs = _sft_pairs(load_dataset(config.mix_dataset, ctx.base_dir, ctx.seed))
@@ -536,18 +566,20 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
             random.Random(ctx.seed).shuffle(pairs)
             empty = dict.fromkeys(columns)
             for prompt, completion in pairs[:wanted]:
-                out.write(line({
+                files.write(ARTIFACTS["dataset"], {
                     "prompt": chat_prompt(prompt, config.system_prompt, config.conversational), "completion": completion,
                     **empty, "source": "mix", "source_model": None, "sample_index": None, "score": None, "scores": None,
-                }))  # fmt: skip
+                })  # fmt: skip
                 mixed += 1
+        files.commit(len(chunks), {"tally": tally.state_dict(), "generation_s": generation_s,
+                                   "rule_failures": dict(earlier_failures + Counter(scorer.failures()))})  # fmt: skip
 
     if config.output == "pairs":
         metrics = tally.pair_metrics(len(dataset), generation_s)
     else:
         metrics = tally.metrics(len(dataset), mixed, generation_s)
     last_errors = scorer.last_errors()
-    for name, failures in scorer.failures().items():
+    for name, failures in (earlier_failures + Counter(scorer.failures())).items():
         if failures:
             metrics[f"{name}_failures"] = failures
             logger.warning("rejection_sampling: rule %s scored None on %d samples (%s)", name, failures,

@@ -39,6 +39,8 @@ from align.recipe.schema import Data, LoraSpec, TrlStageConfig
 from align.training import (
     attach_console,
     final_train_metrics,
+    fit,
+    guard_callback,
     metrics_callback,
     save_trained_model,
     trl_config,
@@ -162,11 +164,11 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=trainable.peft_config,
-        callbacks=[metrics_callback(ctx.metrics)],
+        callbacks=[metrics_callback(ctx.metrics), guard_callback()],
     )
     attach_console(trainer, ctx)
     logger.info("reward_model: %d pairs, %s", len(train), "LoRA" if config.lora else "full fine-tune")
-    result = trainer.train()
+    result = fit(trainer, ctx.metrics.path)
     metrics = final_train_metrics(trainer, result)
     if evaluation is not None:
         held_out = pairwise_metrics(trainer)

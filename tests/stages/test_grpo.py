@@ -110,7 +110,8 @@ def test_logged_samples_carry_the_scores_of_their_own_completions(tmp_path: Path
     path = tmp_path / "recipe.yaml"
     path.write_text(RECIPE)
     recipe = load_recipe(path, [f"stages.grpo.rewards=[{{rule: {tmp_path}/rules.py:length_score}}]",
-                                "stages.grpo.logging_steps=3", "stages.grpo.temperature=1.5"])
+                                "stages.grpo.logging_steps=3", "stages.grpo.temperature=1.5",
+                                "stages.grpo.save_strategy=no"])  # a checkpoint would log too
     run_recipe(recipe, tmp_path / "run", report=lambda _: None)
     samples = read_metrics(tmp_path / "run" / "grpo" / "metrics.jsonl", "sample")
     assert samples and {s["step"] for s in samples} == {3}
