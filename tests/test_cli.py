@@ -86,6 +86,53 @@ def test_a_failed_stage_logs_its_traceback_and_shows_the_tail(tmp_path: Path, fa
     assert manifest is not None and manifest.record("b").error == "rank 0: RuntimeError: boom mid-write"
 
 
+def test_status_says_live_killed_or_failed_with_the_log(tmp_path: Path, fake_type: None,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
+    from align.artifacts import LOG, MANIFEST, scratch_dir
+    from tests import kill_run
+
+    run_dir = tmp_path / "run"
+    (tmp_path / "recipe.yaml").write_text(OK_THEN_HANG)
+    proc = kill_run.start(tmp_path / "recipe.yaml", run_dir, prelude=kill_run.FAKE_STAGE)
+    try:
+        kill_run.wait_until(proc, (scratch_dir(run_dir, "h") / "started").exists, "stage h to start")
+        assert main(["status", str(run_dir)]) == 0
+        out = capsys.readouterr().out
+        assert f"run: live (pid {proc.pid} on " in out
+        assert "Running\nh: " in out
+    finally:
+        kill_run.kill(proc, signal.SIGKILL)
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "run: not running — stage 'h' was killed while it ran; `align run` again resumes it" in out
+    assert "Running" not in out  # no live progress from a dead run
+
+    (tmp_path / "recipe.yaml").write_text(FAKE)
+    assert main(["run", str(tmp_path / "recipe.yaml"), "--run-dir", str(run_dir)]) == 1
+    capsys.readouterr()
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "run: not running\n" in out
+    assert f"b failed: rank 0: RuntimeError: boom mid-write\n  log: {scratch_dir(run_dir, 'b') / LOG}" in out
+
+    (run_dir / MANIFEST).write_bytes(b"\x00\x00\x00")  # a crash mid-write on some file systems
+    assert main(["status", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json cannot be read" in err and "rebuilds it from the finished stage folders" in err
+    assert "Traceback" not in err
+
+
+OK_THEN_HANG = """\
+name: fake
+model: align:tiny
+stages:
+  - {name: a, type: fake, value: 1}
+  - {name: h, type: fake, hang: true}
+"""
+
+
 # ---------------------------------------------------------------- overrides anywhere
 
 OK = """\

@@ -95,3 +95,37 @@ def test_quickstart_full(tmp_path: Path) -> None:
     assert accuracy(stages, "eval_grpo") > accuracy(stages, "eval_sft")
     assert accuracy(stages, "eval_distill") >= 0.9 * accuracy(stages, "eval_grpo")
     assert stages["distill"]["metrics"]["student_teacher_param_ratio"] <= 0.25
+
+
+@pytest.mark.slow
+def test_quickstart_killed_at_random_moments_ends_with_the_uninterrupted_table(tmp_path: Path) -> None:
+    """SIGKILL or SIGTERM at random moments (seeded), a restart after each: the held-out table at the
+    end is the uninterrupted run's, to the digit."""
+    import random
+    import signal
+    import time
+
+    reference, _, _ = run_quickstart(tmp_path / "reference", ci_overrides())
+    rng = random.Random(11)
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    kills = []
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-m", "align.cli", "run", str(QUICKSTART), "--run-dir", str(run_dir),
+                                 *ci_overrides()], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        delay, sig = rng.uniform(10, 50), rng.choice([signal.SIGKILL, signal.SIGTERM])
+        try:
+            proc.wait(timeout=delay)
+            break  # it finished before this kill
+        except subprocess.TimeoutExpired:
+            proc.send_signal(sig)
+            code = proc.wait(timeout=600)
+            # SIGTERM: checkpoint, then "interrupted" (or killed outright while Python was still starting up)
+            assert code in (-signal.SIGKILL, -signal.SIGTERM, 75, 0), (sig, code)
+            kills.append((round(delay, 1), sig.name, code))
+        time.sleep(0.5)
+    assert len(kills) >= 3, kills
+    final, stages, _ = run_quickstart(run_dir, ci_overrides())
+    assert all(s["status"] == "complete" for s in stages.values())
+    assert final.split("Held-out accuracy")[1] == reference.split("Held-out accuracy")[1], kills
