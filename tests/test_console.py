@@ -86,7 +86,8 @@ def test_status_shows_a_running_stages_progress(tmp_path: Path, capsys: pytest.C
     rm_scratch = art.scratch_dir(tmp_path, "rm")
     rm_scratch.mkdir()
     art.MetricsWriter(rm_scratch / art.METRICS).log(art.TRAIN, 7, loss=0.5)
-    assert main(["status", str(tmp_path)]) == 0
+    with art.RunLock(tmp_path):  # progress is shown only for a live run: one holding the run dir's lock
+        assert main(["status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "grpo: train: step 30 of 60, ETA 1:00 (updated 0:00 ago)" in out
     assert "rm: step 7 logged" in out

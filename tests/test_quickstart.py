@@ -125,6 +125,7 @@ def test_quickstart_killed_at_random_moments_ends_with_the_uninterrupted_table(t
             assert code in (-signal.SIGKILL, -signal.SIGTERM, 75, 0), (sig, code)
             kills.append((round(delay, 1), sig.name, code))
         time.sleep(0.5)
+    print("kills (seconds after start, signal, exit status):", kills)
     assert len(kills) >= 3, kills
     final, stages, _ = run_quickstart(run_dir, ci_overrides())
     assert all(s["status"] == "complete" for s in stages.values())

@@ -27,6 +27,7 @@ stages:
     max_steps: 4
     per_device_train_batch_size: 8
     logging_steps: 2
+    save_steps: 2  # checkpoints force a log row; on logging_steps' own grid they add none
     max_length: 96
   - name: grpo
     type: grpo
