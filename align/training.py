@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from align.artifacts import TRAIN, MetricsWriter, metric_kind
 from align.console import StageProgress
-from align.data import with_system_prompt
+from align.data import SFT_NEEDS, with_system_prompt
 from align.models import (
     load_causal_lm,
     load_tokenizer,
@@ -62,7 +62,7 @@ def trl_config(config: StageConfig, output_dir: Path, trl_class: str | None = No
 
 
 #: Column layouts SFT understands, in the order they are tried.
-SFT_LAYOUTS: tuple[tuple[str, ...], ...] = (("messages",), ("prompt", "completion"), ("text",))
+SFT_LAYOUTS: tuple[tuple[str, ...], ...] = tuple(tuple(layout.required) for layout in SFT_NEEDS.layouts)
 
 
 def sft_layout(columns: Any) -> tuple[str, ...] | None:

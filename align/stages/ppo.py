@@ -76,7 +76,7 @@ from pydantic import (
 
 from align.artifacts import EVAL, SAMPLE, TRAIN, StageContext
 from align.console import StageProgress
-from align.data import chat_prompt, load_dataset
+from align.data import RowLedger, chat_prompt, load_dataset
 from align.generation import encode_prompts, eos_and_pad_ids, generate_rollout
 from align.models import (
     device,
@@ -90,8 +90,16 @@ from align.models import (
     vocabulary_mismatch,
 )
 from align.recipe.checks import CheckContext
-from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, StageConfig, TrainingKnobs
-from align.rewards import Scorer
+from align.recipe.schema import (
+    Data,
+    LoraSpec,
+    Model,
+    RewardSpec,
+    RuleFailureKnobs,
+    StageConfig,
+    TrainingKnobs,
+)
+from align.rewards import Scorer, prompt_needs
 from align.tracking import accelerate_trackers, flat_config
 from align.training import warmup_step_count
 
@@ -103,7 +111,7 @@ logger = logging.getLogger("align")
 ARTIFACTS = {"model": "model"}
 
 
-class Config(StageConfig, TrainingKnobs):
+class Config(StageConfig, TrainingKnobs, RuleFailureKnobs):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     type: Literal["ppo"] = "ppo"
@@ -178,6 +186,8 @@ def check(config: Config, ctx: CheckContext) -> None:
     ctx.require_columns(config.dataset, ("dataset",), prompt)
     if config.eval_dataset is not None:
         ctx.require_columns(config.eval_dataset, ("eval_dataset",), {**prompt, **ctx.rule_columns(config.rewards)})
+    for key in ("dataset", "eval_dataset"):
+        ctx.check_rows(getattr(config, key), (key,), prompt_needs(config.rewards, ctx.base_dir))
     ctx.check_model(config.reward_model, ("reward_model",))
     ctx.check_model(config.value_model, ("value_model",))
     ctx.check_lora(config.lora)
@@ -441,7 +451,8 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
                  .requires_grad_(False).eval().to(accelerator.device))
     scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
                           reward_model_batch_size=config.local_rollout_forward_batch_size, precision=precision,
-                          seed=ctx.seed)  # fmt: skip
+                          seed=ctx.seed, max_rule_failure_rate=config.max_rule_failure_rate,
+                          rule_failure_min_samples=config.rule_failure_min_samples)  # fmt: skip
     critic = load_trainable(config.value_model or config.reward_model or config.model, config.value_lora,
                             precision=precision, task="sequence_classification", seed=ctx.seed,
                             wrap_lora=True).model  # fmt: skip
@@ -451,8 +462,11 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     eos_ids, pad_id = eos_and_pad_ids(policy, tokenizer)
 
     # ---- data ---------------------------------------------------------------------------------
-    def prompt_table(spec: Any) -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
-        data = load_dataset(spec, ctx.base_dir, ctx.seed)
+    ledger = RowLedger()  # rows dropped under on_bad_rows: skip
+
+    def prompt_table(spec: Any, key: str = "dataset") -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
+        data = load_dataset(spec, ctx.base_dir, ctx.seed, need=prompt_needs(config.rewards, ctx.base_dir),
+                            ledger=ledger, key=key)  # fmt: skip
         prompts = [chat_prompt(p, config.system_prompt, config.conversational) for p in data["prompt"]]
         columns = {c: data[c] for c in data.column_names if c != "prompt"}
         return prompts, encode_prompts(tokenizer, prompts), columns
@@ -577,7 +591,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
                           texts, [prompts[i] for i in rows])
 
     # ---- held-out evaluation ---------------------------------------------------------------------
-    eval_table = prompt_table(config.eval_dataset) if config.eval_dataset is not None else None
+    eval_table = prompt_table(config.eval_dataset, "eval_dataset") if config.eval_dataset is not None else None
 
     def evaluate() -> dict[str, float]:
         """Greedy responses scored by the reward(s); sampled responses for KL to the reference."""
@@ -703,4 +717,6 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         **results,
         "train_runtime_s": round(runtime, 2),
         "s_per_step": round(runtime / total_steps, 4),
+        **scorer.failure_metrics("ppo"),
+        **ledger.metrics(),
     }
