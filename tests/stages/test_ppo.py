@@ -330,3 +330,16 @@ def test_full_vocabulary_statistics_are_taken_in_chunks(tmp_path: Path, monkeypa
     monkeypatch.setattr(torch, "log_softmax", recording)
     run_ppo(tmp_path, "stages.ppo.max_steps=1", "stages.ppo.logits_chunk_size=7", "stages.ppo.eval_dataset=null")
     assert rows_seen and max(rows_seen) <= 7
+
+
+def test_inf_rule_scores_never_reach_the_loss(tmp_path: Path) -> None:
+    """A rule that scores +inf on some samples: those score None (the score is the other terms'), are
+    counted, and every logged figure stays finite; max_rule_failure_rate 1 lets the stage run on."""
+    (tmp_path / "rules.py").write_text(
+        "def spiky(completions, **kwargs):\n    return [float('inf') if i % 2 else 1.0 for i in range(len(completions))]\n")
+    metrics, _, rows = run_ppo(tmp_path, f"stages.ppo.rewards=[{{rule: {tmp_path}/rules.py:spiky}}]",
+                               "stages.ppo.max_rule_failure_rate=1", "stages.ppo.max_steps=2", "stages.ppo.eval_dataset=null")
+    assert metrics["spiky_failures"] == 8  # 2 steps × 8 rollouts, every second one inf
+    assert math.isfinite(metrics["first_score"]) and math.isfinite(metrics["last_score"])
+    for row in step_rows(rows):
+        assert row["score/spiky"] == 1.0 and math.isfinite(row["policy_loss"]) and math.isfinite(row["value_loss"])
