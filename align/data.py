@@ -383,6 +383,11 @@ def _not_utf8(raw: bytes, error: UnicodeDecodeError) -> str:
     return f"holds bytes that are not UTF-8 ({raw[error.start:error.start + 4]!r} at byte {error.start} of the line)"
 
 
+def _encoding(line_no: int) -> str:
+    # A byte-order mark may open a UTF-8 file (the loaders accept one); it is not part of the first row.
+    return "utf-8-sig" if line_no == 1 else "utf-8"
+
+
 def _jsonl_records(path: Path) -> Iterator[_Record]:
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, 1):
@@ -390,7 +395,7 @@ def _jsonl_records(path: Path) -> Iterator[_Record]:
                 continue
             index = line_no - 1
             try:
-                row = json.loads(raw.decode("utf-8"))
+                row = json.loads(raw.decode(_encoding(line_no)))
             except UnicodeDecodeError as error:
                 yield _Record(line_no, index, None, _not_utf8(raw, error), raw)
                 continue
@@ -406,7 +411,7 @@ def _jsonl_records(path: Path) -> Iterator[_Record]:
 def _json_records(path: Path) -> Iterator[_Record]:
     data = path.read_bytes()
     try:
-        rows = json.loads(data.decode("utf-8"))
+        rows = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise DataError(f"cannot read {path}:{line}: bytes that are not UTF-8 ({data[error.start:error.start + 4]!r})") from None
@@ -434,7 +439,7 @@ def _csv_records(path: Path) -> Iterator[_Record]:
         with path.open("rb") as fh:
             for line_no, raw in enumerate(fh, 1):
                 try:
-                    text = raw.decode("utf-8")
+                    text = raw.decode(_encoding(line_no))
                 except UnicodeDecodeError as error:
                     broken.append(_Record(line_no, line_no - 1, None, _not_utf8(raw, error)))
                     continue
@@ -483,7 +488,7 @@ def _copy_records(path: Path, keep: set[int], out_dir: Path) -> Path:
     copy = out_dir / (path.stem + (".csv" if suffix == ".csv" else ".jsonl"))
     records = (r for n, r in enumerate(_text_records(path)) if n in keep)
     if suffix == ".csv":
-        with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
             header = next(csv.reader(fh), [])
         with copy.open("w", encoding="utf-8", newline="") as out:
             writer = csv.writer(out)

@@ -535,8 +535,8 @@ class BoundRule:
         fn: RewardFunction,
         params: Mapping[str, Any],
         name: str,
-        timeout_s: float | None = None,
         *,
+        timeout_s: float | None = None,
         max_failure_rate: float | None = None,
         min_samples: int = RULE_FAILURE_MIN_SAMPLES,
     ) -> None:
@@ -715,23 +715,16 @@ class BoundRule:
         return rewards, failed
 
 
-def bind_rule(
-    fn: RewardFunction,
-    params: Mapping[str, Any],
-    name: str,
-    *,
-    timeout_s: float | None = None,
-    max_failure_rate: float | None = None,
-    min_samples: int = RULE_FAILURE_MIN_SAMPLES,
-) -> BoundRule:
+def bind_rule(fn: RewardFunction, params: Mapping[str, Any], name: str, **limits: Any) -> BoundRule:
     """Bind recipe ``params`` to ``fn`` and return a safe TRL reward function named ``name``.
 
     See ``BoundRule``: per-sample fallback when the batch call raises, None (and a count in
-    ``.stats`` / ``.failures``) for samples that fail or score NaN/±inf, optional wall-clock
-    ``timeout_s`` per call, and a stop (``RuleFailureError``) past ``max_failure_rate``.
-    Parameters are not checked here; run ``check_rule_params`` first.
+    ``.stats`` / ``.failures``) for samples that fail or score NaN/±inf; ``limits`` are its
+    keywords: a wall-clock ``timeout_s`` per call, and a stop (``RuleFailureError``) past
+    ``max_failure_rate`` once ``min_samples`` were scored. Parameters are not checked here; run
+    ``check_rule_params`` first.
     """
-    return BoundRule(fn, params, name, timeout_s, max_failure_rate=max_failure_rate, min_samples=min_samples)
+    return BoundRule(fn, params, name, **limits)
 
 
 # --------------------------------------------------------------------------------------------

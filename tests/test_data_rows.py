@@ -24,6 +24,7 @@ from align.data import (
 )
 from align.recipe.schema import DataSpec
 from tests.recipe_problems import recipe_problems
+from tests.test_data import RECIPE  # one eval stage reading DATA
 
 NEEDS = Needs.of(prompt="prompt", solution="answer")
 GOOD = [{"prompt": f"What is {i}+1?", "solution": str(i + 1)} for i in range(60)]
@@ -100,6 +101,18 @@ def test_non_utf8_bytes_past_the_first_8_kb(tmp_path: Path) -> None:
     path.write_bytes(good.encode() + b'{"prompt": "\xff\xfe", "solution": "1"}\n')
     assert f"{path}:201: holds bytes that are not UTF-8 (b'\\xff\\xfe\",' at byte 12 of the line)" in error_of(path)
     assert load(path, on_bad_rows="skip")[1] == {"dataset_skipped_rows": 1}
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv"])
+def test_a_byte_order_mark_is_not_a_bad_row(tmp_path: Path, name: str) -> None:
+    body = {"d.jsonl": '{"prompt": "q", "solution": "1"}\n', "d.json": '[{"prompt": "q", "solution": "1"}]',
+            "d.csv": "prompt,solution\nq,1\n"}[name]
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert load(tmp_path / name)[0]["prompt"] == ["q"]
+    with (tmp_path / name).open("ab") as fh:  # a bad row too: the copy without it keeps the column names
+        fh.write(b"\n" if name == "d.json" else b'{"prompt": null}\n' if name == "d.jsonl" else b",2\n")
+    if name != "d.json":
+        assert load(tmp_path / name, on_bad_rows="skip")[0].column_names == ["prompt", "solution"]
 
 
 def test_broken_lines_are_found_without_needs_too(tmp_path: Path) -> None:
@@ -286,16 +299,6 @@ def test_embedded_tasks_pass_their_own_checks(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- align validate reads the first rows
-
-
-RECIPE = """\
-name: d
-model: align:tiny
-stages:
-  - name: ev
-    type: eval
-    dataset: DATA
-"""
 
 
 def test_validate_names_a_null_prompt_in_row_0(tmp_path: Path) -> None:
