@@ -388,6 +388,11 @@ def _encoding(line_no: int) -> str:
     return "utf-8-sig" if line_no == 1 else "utf-8"
 
 
+def _not_json_number(name: str) -> Any:
+    # Python's json reads NaN and Infinity; JSON (and the JSONL loader, pyarrow) does not.
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _jsonl_records(path: Path) -> Iterator[_Record]:
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, 1):
@@ -395,12 +400,15 @@ def _jsonl_records(path: Path) -> Iterator[_Record]:
                 continue
             index = line_no - 1
             try:
-                row = json.loads(raw.decode(_encoding(line_no)))
+                row = json.loads(raw.decode(_encoding(line_no)), parse_constant=_not_json_number)
             except UnicodeDecodeError as error:
                 yield _Record(line_no, index, None, _not_utf8(raw, error), raw)
                 continue
             except json.JSONDecodeError as error:
                 yield _Record(line_no, index, None, f"is not valid JSON ({error.msg} at column {error.colno})", raw)
+                continue
+            except ValueError as error:
+                yield _Record(line_no, index, None, f"is not valid JSON ({error})", raw)
                 continue
             if not isinstance(row, dict):
                 yield _Record(line_no, index, None, f"is {_describe(row)}, but each JSONL line must be an object", raw)

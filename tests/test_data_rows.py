@@ -67,6 +67,8 @@ ROW_CASES = [
     ("one malformed JSON line past the first rows", [*GOOD[:50], '{"prompt": "q", solution: 1}', *GOOD[:5]], ":51:",
      "is not valid JSON (Expecting property name enclosed in double quotes at column 17)"),
     ("a JSONL line that is not an object", [*GOOD[:50], "[1, 2]"], ":51:", "is a list, but each JSONL line must be an object"),
+    ("NaN, which JSON does not have", [*GOOD[:3], '{"prompt": "q", "solution": "1", "score": NaN}'], ":4:",
+     "is not valid JSON (NaN is not a JSON number)"),
     ("a message without content", [*GOOD[:3], {"prompt": [{"role": "user"}], "solution": "1"}], ":4:",
      "column 'prompt' has a message 0 (user) without content"),
 ]
@@ -353,3 +355,43 @@ def test_validate_under_skip_only_notes_bad_first_rows(tmp_path: Path) -> None:
 def test_validate_rejects_a_bad_on_bad_rows(tmp_path: Path) -> None:
     found = recipe_problems(tmp_path, RECIPE.replace("DATA", "{path: x.jsonl, on_bad_rows: ignore}"))
     assert "'error' or 'skip'" in found["stages[0].dataset.on_bad_rows"]
+
+
+# ---------------------------------------------------------------- every stage counts what it skipped
+
+EVERY_STAGE = """\
+name: skips
+seed: 0
+model: align:tiny
+stages:
+  - {name: sft, type: sft, dataset: {path: PROMPTS, on_bad_rows: skip}, max_steps: 1, per_device_train_batch_size: 2}
+  - {name: ev, type: eval, dataset: {path: PROMPTS, on_bad_rows: skip}, max_completion_length: 4}
+  - {name: distill, type: distill, dataset: {path: QUESTIONS, on_bad_rows: skip}, traces: teacher, temperature: 0,
+     max_completion_length: 4, drop_truncated: false, max_steps: 1, per_device_train_batch_size: 2}
+  - {name: rs, type: rejection_sampling, dataset: {path: PROMPTS, on_bad_rows: skip}, rewards: [{rule: format}],
+     keep: best_of_n, drop_truncated: false, num_generations: 2, max_completion_length: 4}
+  - {name: ppo, type: ppo, dataset: {path: PROMPTS, on_bad_rows: skip}, rewards: [{rule: format}], max_steps: 1,
+     per_device_train_batch_size: 2, num_ppo_epochs: 1, response_length: 4}
+  - {name: rm, type: reward_model, dataset: {path: PAIRS, on_bad_rows: skip}, max_steps: 1, per_device_train_batch_size: 2}
+  - {name: dpo, type: dpo, dataset: {path: PAIRS, on_bad_rows: skip}, max_steps: 1, per_device_train_batch_size: 2}
+  - {name: kto, type: kto, dataset: {path: PAIRS, on_bad_rows: skip}, max_steps: 1, per_device_train_batch_size: 2}
+"""
+
+
+def test_every_stage_type_reports_the_rows_it_skipped(tmp_path: Path) -> None:
+    from align.recipe.validate import load_recipe
+    from align.runner import run_recipe
+
+    rows = [{"prompt": f"What is {i}+1?", "completion": f"<answer>{i + 1}</answer>", "solution": str(i + 1)} for i in range(4)]
+    prompts = jsonl(tmp_path, [*rows, {"prompt": None, "completion": "x", "solution": "1"}, "{broken"], "prompts.jsonl")
+    questions = jsonl(tmp_path, [{"prompt": "What is 1+1?"}, {"prompt": ""}, {"prompt": "What is 2+2?"}], "questions.jsonl")
+    pairs = jsonl(tmp_path, [*[{"prompt": "q", "chosen": "a", "rejected": "b"}] * 4, {"prompt": "q", "chosen": "a"}],
+                  "pairs.jsonl")  # fmt: skip
+    text = EVERY_STAGE.replace("PROMPTS", str(prompts)).replace("QUESTIONS", str(questions)).replace("PAIRS", str(pairs))
+    (tmp_path / "recipe.yaml").write_text(text)
+    manifest = run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run", report=lambda _: None)
+    expected = {"sft": 2, "ev": 2, "distill": 1, "rs": 2, "ppo": 2, "rm": 1, "dpo": 1, "kto": 1}
+    for name, skipped in expected.items():
+        record = manifest.record(name)
+        assert record.status == "complete", (name, record.error)
+        assert record.metrics["dataset_skipped_rows"] == skipped, (name, record.metrics)

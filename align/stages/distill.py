@@ -237,7 +237,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     assert teacher is not None
     ledger = RowLedger()  # rows dropped under on_bad_rows: skip
     dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=needs(config), ledger=ledger)
-    figures: dict[str, Any] = {**ledger.metrics()}
+    figures: dict[str, Any] = {}
     if trace_source(config, dataset.column_names) == "teacher":
         train, figures = _teacher_traces(config, teacher, dataset, ctx)
     else:
@@ -251,7 +251,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         teacher_params = checkpoint_parameter_count(resolve_model_path(teacher.name_or_path, ctx.base_dir))
     else:
         metrics, student_params, teacher_params = _train_logit(config, ctx, teacher, train)
-    metrics = {**figures, **metrics, "student_params": student_params}
+    metrics = {**figures, **metrics, **ledger.metrics(), "student_params": student_params}
     if teacher_params:
         metrics["teacher_params"] = teacher_params
         metrics["student_teacher_param_ratio"] = round(student_params / teacher_params, 4)
