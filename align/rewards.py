@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from align.paths import RULE_FILE, resolve_user_path
+from align.recipe.schema import RULE_FAILURE_MIN_SAMPLES
 
 if TYPE_CHECKING:
+    from align.data import Needs
     from align.precision import Precision
     from align.recipe.schema import ModelSpec, RewardSpec
 
@@ -41,12 +43,15 @@ __all__ = [
     "BoundRule",
     "RewardModelReward",
     "RewardTerm",
+    "RuleFailureError",
     "RuleResolutionError",
     "RuleSignature",
     "RuleStats",
     "Scorer",
     "Scores",
     "bind_rule",
+    "prompt_needs",
+    "reward_columns",
     "check_rule_params",
     "rule_param_problems",
     "coerce_params",
@@ -469,16 +474,27 @@ class RuleStats:
     batch_failures: int = 0  # calls whose whole-batch attempt raised (then retried sample by sample)
     sample_failures: int = 0  # samples that raised on their own, scored None
     invalid_outputs: int = 0  # outputs of the wrong length or type (treated as a raise)
+    non_finite: int = 0  # samples scored NaN or ±inf, scored None instead
     timeouts: int = 0  # calls (or per-sample retries) cut off by the wall-clock timeout
+    timed_out_samples: int = 0  # samples those cut off, scored None
     none_samples: int = 0  # all None rewards handed to TRL, whatever the reason
     last_error: str | None = None
 
+    @property
+    def failed_samples(self) -> int:
+        """Samples scored None because the rule failed on them: raised, timed out, or not a finite number."""
+        return self.sample_failures + self.non_finite + self.timed_out_samples
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "failed_samples": self.failed_samples}
 
 
 class RuleTimeout(TimeoutError):
     """A rule call ran past the bound wall-clock timeout."""
+
+
+class RuleFailureError(RuntimeError):
+    """A rule failed on more than its stage's `max_rule_failure_rate` share of the samples it scored."""
 
 
 class _InvalidOutput(TypeError):
@@ -486,15 +502,16 @@ class _InvalidOutput(TypeError):
 
 
 def _as_reward(value: Any) -> float | None:
+    """A rule's output for one sample as a float (NaN and ±inf kept: the caller counts them), None
+    as None; anything else is an invalid output."""
     if value is None:
         return None
     if isinstance(value, (str, bytes)):
-        raise _InvalidOutput(f"reward {value!r} is not a number or None")
+        raise _InvalidOutput(f"reward {value!r:.60} is not a number or None")
     try:
-        number = float(value)  # also numpy and torch scalars
-    except (TypeError, ValueError) as error:
+        return float(value)  # also numpy and torch scalars
+    except (TypeError, ValueError, OverflowError) as error:
         raise _InvalidOutput(f"reward {value!r:.60} is not a number or None") from error
-    return None if math.isnan(number) else number
 
 
 class BoundRule:
@@ -502,13 +519,26 @@ class BoundRule:
 
     ``__name__`` is the name TRL logs the reward under. A call that raises on the batch is retried
     sample by sample; a sample that still raises (or returns something that is not a number) scores
-    None and is counted in ``stats``. With ``timeout_s`` each call runs in a worker thread and gives
-    None for every sample when it runs over (the thread cannot be killed and finishes in the
-    background; the ``code`` rule has its own per-process timeout).
+    None and is counted in ``stats``, and so does a sample scored NaN or ±inf: neither reaches a loss.
+    With ``timeout_s`` each call runs in a worker thread and gives None for every sample when it
+    runs over, each counted as failed (the thread cannot be killed and finishes in the background;
+    the ``code`` rule has its own per-process timeout).
+
+    With ``max_failure_rate``, a call after which more than that share of all the samples the rule
+    has scored failed raises ``RuleFailureError`` (naming the rule and its last error), once at
+    least ``min_samples`` were scored: a rule that is broken stops the stage instead of training on
+    silently, and one unlucky first batch does not.
     """
 
     def __init__(
-        self, fn: RewardFunction, params: Mapping[str, Any], name: str, timeout_s: float | None = None
+        self,
+        fn: RewardFunction,
+        params: Mapping[str, Any],
+        name: str,
+        *,
+        timeout_s: float | None = None,
+        max_failure_rate: float | None = None,
+        min_samples: int = RULE_FAILURE_MIN_SAMPLES,
     ) -> None:
         self.fn = fn
         self.params = dict(params)
@@ -516,6 +546,8 @@ class BoundRule:
         self.__qualname__ = name
         self.__doc__ = getattr(fn, "__doc__", None)
         self.timeout_s = timeout_s
+        self.max_failure_rate = max_failure_rate
+        self.min_samples = min_samples
         self.stats = RuleStats()
         signature = rule_signature(fn)
         # A rule without **kwargs would crash on TRL's extra keywords: hand it only what it declares.
@@ -539,7 +571,7 @@ class BoundRule:
     @property
     def failures(self) -> int:
         """Samples that got None because the rule failed on them (not None the rule chose)."""
-        return self.stats.sample_failures
+        return self.stats.failed_samples
 
     def _kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         merged = {**kwargs, **self.params}  # a recipe parameter wins over a same-named column
@@ -550,6 +582,9 @@ class BoundRule:
     def _invoke(
         self, completions: Sequence[Any], kwargs: dict[str, Any], timeout: float | None
     ) -> list[float | None]:
+        """The rule's rewards for `completions`, each a float (possibly not finite) or None; raises
+        when the call raises, runs over `timeout` or returns something other than one number or None
+        per completion."""
         if timeout is None:
             output = self.fn(completions, **kwargs)
         else:
@@ -569,25 +604,35 @@ class BoundRule:
             if "error" in box:
                 raise box["error"]
             output = box["output"]
-        if (
-            isinstance(output, (str, bytes))
-            or not hasattr(output, "__len__")
-            or len(output) != len(completions)
-        ):
+        try:
+            count = len(output)
+        except Exception:  # no length (a generator, a number) or one that fails
+            count = None
+        if isinstance(output, (str, bytes, Mapping)) or count != len(completions):
             raise _InvalidOutput(
                 f"reward rule {self.__name__!r} returned {type(output).__name__} "
-                f"of length {len(output) if hasattr(output, '__len__') else '?'}, expected {len(completions)} rewards"
+                f"of length {'?' if count is None else count}, expected {len(completions)} rewards"
             )
         return [_as_reward(v) for v in output]
 
-    def _note(self, error: BaseException, what: str) -> None:
+    def _note(self, error: BaseException | str, what: str) -> None:
         with self._lock:
-            self.stats.last_error = f"{type(error).__name__}: {error}"
-            count = self.stats.batch_failures + self.stats.sample_failures + self.stats.timeouts
+            self.stats.last_error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            count = self.stats.batch_failures + self.stats.sample_failures + self.stats.timeouts + self.stats.non_finite
         if count <= 3 or count % 100 == 0:
             logger.warning(
                 "reward rule %r %s: %s (failure %d)", self.__name__, what, self.stats.last_error, count
             )
+
+    def _finite(self, rewards: list[float | None], offset: int = 0) -> tuple[list[float | None], int]:
+        """NaN and ±inf become None, counted as failures: a loss must never see them."""
+        bad = [i for i, r in enumerate(rewards) if r is not None and not math.isfinite(r)]
+        if not bad:
+            return rewards, 0
+        with self._lock:
+            self.stats.non_finite += len(bad)
+        self._note(f"returned {rewards[bad[0]]} for sample {bad[0] + offset}", f"scored {len(bad)} sample(s) NaN or ±inf")
+        return [None if i in bad else r for i, r in enumerate(rewards)], len(bad)
 
     def __call__(self, completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         n = len(completions)
@@ -598,10 +643,11 @@ class BoundRule:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         failed = 0
         try:
-            rewards = self._invoke(completions, call_kwargs, self.timeout_s)
+            rewards, failed = self._finite(self._invoke(completions, call_kwargs, self.timeout_s))
         except RuleTimeout as error:
             with self._lock:
                 self.stats.timeouts += 1
+                self.stats.timed_out_samples += n  # every sample the cut-off call would have scored
             self._note(error, "timed out on the batch")
             rewards, failed = [None] * n, n
         except Exception as error:
@@ -617,7 +663,21 @@ class BoundRule:
             # TRL averages these per logging step; logged only for calls that had failures.
             with contextlib.suppress(Exception):  # logging must never break training
                 log_metric(f"reward_errors/{self.__name__}", failed / n)
+        self._judge()
         return rewards
+
+    def _judge(self) -> None:
+        """Stop the stage when the rule fails on too many of its samples (see the class docstring)."""
+        limit = self.max_failure_rate
+        stats = self.stats
+        if limit is None or stats.samples < self.min_samples or stats.failed_samples <= limit * stats.samples:
+            return
+        raise RuleFailureError(
+            f"reward rule '{self.__name__}' failed on {stats.failed_samples} of the {stats.samples} samples it scored "
+            f"({stats.failed_samples / stats.samples:.0%}, more than max_rule_failure_rate {limit:g}); last error: "
+            f"{stats.last_error}. Fix the rule (it should return a number or None for every completion), or raise "
+            "the stage's max_rule_failure_rate (1 never stops)"
+        )
 
     def _per_sample(
         self, completions: Sequence[Any], kwargs: Mapping[str, Any], deadline: float | None
@@ -635,10 +695,13 @@ class BoundRule:
             try:
                 if remaining is not None and remaining <= 0:
                     raise RuleTimeout(f"reward rule {self.__name__!r} ran out of time retrying samples")
-                rewards.append(self._invoke([completions[i]], self._kwargs(sliced), remaining)[0])
+                reward, bad = self._finite(self._invoke([completions[i]], self._kwargs(sliced), remaining), offset=i)
+                rewards.append(reward[0])
+                failed += bad
             except RuleTimeout as error:
                 with self._lock:
                     self.stats.timeouts += 1
+                    self.stats.timed_out_samples += 1
                 self._note(error, f"timed out on sample {i}")
                 rewards.append(None)
                 failed += 1
@@ -652,16 +715,16 @@ class BoundRule:
         return rewards, failed
 
 
-def bind_rule(
-    fn: RewardFunction, params: Mapping[str, Any], name: str, *, timeout_s: float | None = None
-) -> BoundRule:
+def bind_rule(fn: RewardFunction, params: Mapping[str, Any], name: str, **limits: Any) -> BoundRule:
     """Bind recipe ``params`` to ``fn`` and return a safe TRL reward function named ``name``.
 
     See ``BoundRule``: per-sample fallback when the batch call raises, None (and a count in
-    ``.stats`` / ``.failures``) for samples that fail, optional wall-clock ``timeout_s`` per call.
-    Parameters are not checked here; run ``check_rule_params`` first.
+    ``.stats`` / ``.failures``) for samples that fail or score NaN/±inf; ``limits`` are its
+    keywords: a wall-clock ``timeout_s`` per call, and a stop (``RuleFailureError``) past
+    ``max_failure_rate`` once ``min_samples`` were scored. Parameters are not checked here; run
+    ``check_rule_params`` first.
     """
-    return BoundRule(fn, params, name, timeout_s)
+    return BoundRule(fn, params, name, **limits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -729,7 +792,7 @@ class RewardModelReward:
         self.batch_size = batch_size
         self.max_length = max_length
         self.__name__ = REWARD_MODEL
-        self.failures = 0  # a model either scores or raises: it has no per-sample failures
+        self.failures = 0  # samples the model scored NaN or ±inf (scored None instead)
 
     @classmethod
     def load(cls, spec: ModelSpec, *, batch_size: int = 32, precision: Precision | None = None,
@@ -740,14 +803,20 @@ class RewardModelReward:
         model = load_sequence_classifier(spec, precision=precision, seed=seed).requires_grad_(False).eval().to(device())
         return cls(model, load_tokenizer(spec, padding_side="right"), batch_size=batch_size)
 
-    def __call__(self, completions: Sequence[Any], *, prompts: Sequence[Any] | None = None, **kwargs: Any) -> list[float]:
+    def __call__(self, completions: Sequence[Any], *, prompts: Sequence[Any] | None = None,
+                 **kwargs: Any) -> list[float | None]:  # fmt: skip
         from align.data import message_text
 
         if prompts is None:
             raise ValueError("a reward model scores prompt + completion, so it needs `prompts`")
         texts = [message_text(c) for c in completions]
-        return score_with_reward_model(self.model, self.tokenizer, list(prompts), texts, batch_size=self.batch_size,
-                                       max_length=self.max_length)  # fmt: skip
+        scores = score_with_reward_model(self.model, self.tokenizer, list(prompts), texts, batch_size=self.batch_size,
+                                         max_length=self.max_length)  # fmt: skip
+        finite: list[float | None] = [s if math.isfinite(s) else None for s in scores]
+        if None in finite:  # a model with broken weights: its NaN/inf must not reach a loss either
+            self.failures += finite.count(None)
+            logger.warning("reward model scored %d of %d samples NaN or ±inf (scored None)", finite.count(None), len(scores))
+        return finite
 
 
 @dataclass(frozen=True)
@@ -786,10 +855,15 @@ class Scorer:
         reward_model_batch_size: int = 32,
         precision: Precision | None = None,
         seed: int = 0,
+        max_rule_failure_rate: float | None = None,
+        rule_failure_min_samples: int = RULE_FAILURE_MIN_SAMPLES,
     ) -> Scorer:
+        """The terms of a stage: its rules (each stopping the stage past `max_rule_failure_rate`, see
+        `BoundRule`) and its reward model."""
         terms = [
             RewardTerm(spec.display_name, spec.weight,
-                       bind_rule(resolve_rule(spec.rule, base_dir), spec.params, spec.display_name, timeout_s=spec.timeout_s))
+                       bind_rule(resolve_rule(spec.rule, base_dir), spec.params, spec.display_name, timeout_s=spec.timeout_s,
+                                 max_failure_rate=max_rule_failure_rate, min_samples=rule_failure_min_samples))
             for spec in rewards
         ]  # fmt: skip
         if reward_model is not None:
@@ -830,10 +904,46 @@ class Scorer:
     def last_errors(self) -> dict[str, str]:
         return {t.name: t.fn.stats.last_error for t in self.terms if isinstance(t.fn, BoundRule) and t.fn.stats.last_error}
 
+    def failure_metrics(self, stage: str, earlier: Mapping[str, int] | None = None) -> dict[str, int]:
+        """`<name>_failures` for every term, for the stage's metrics (plus `earlier`: the counts of the
+        attempts a resumed stage continues); a warning names each term that failed and its last error."""
+        last_errors = self.last_errors()
+        metrics: dict[str, int] = {}
+        for name, failures in self.failures().items():
+            failures += (earlier or {}).get(name, 0)
+            metrics[f"{name}_failures"] = failures
+            if failures:
+                logger.warning("%s: %s scored None on %d samples because it failed (%s)", stage, name, failures,
+                               last_errors.get(name, "NaN or ±inf scores"))  # fmt: skip
+        return metrics
+
 
 def weighted_total(scores: Mapping[str, float | None], weights: Mapping[str, float]) -> float:
-    """Σ weight·score over the terms that scored (None adds nothing, as in GRPO's weighted sum)."""
-    return sum(weights.get(name, 0.0) * value for name, value in scores.items() if value is not None)
+    """Σ weight·score over the terms that scored (None, and anything not finite, adds nothing, as in
+    GRPO's weighted sum)."""
+    return sum(weights.get(name, 0.0) * value for name, value in scores.items()
+               if value is not None and math.isfinite(value))  # fmt: skip
+
+
+def reward_columns(rewards: Sequence[RewardSpec], base_dir: Path | None) -> dict[str, str]:
+    """Dataset columns the rules read, column → why (rules that do not resolve are left out)."""
+    needed: dict[str, str] = {}
+    for spec in rewards:
+        try:
+            fn = resolve_rule(spec.rule, base_dir)
+        except RuleResolutionError:
+            continue
+        for column in rule_signature(fn).columns:
+            needed.setdefault(column, f"reward rule '{spec.rule}' reads it")
+    return needed
+
+
+def prompt_needs(rewards: Sequence[RewardSpec], base_dir: Path | None) -> Needs:
+    """What a stage that samples from prompts and scores with `rewards` needs of every row: the
+    prompt, and each column a rule reads (see `align.data.Needs`)."""
+    from align.data import PROMPT_NEEDS, column_kinds
+
+    return PROMPT_NEEDS.plus(column_kinds(reward_columns(rewards, base_dir)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from align.artifacts import TRAIN, MetricsWriter, drop_metrics_after, metric_kind
 from align.checkpoints import checkpoint_dir, complete_checkpoints, latest_checkpoint, mark_complete, step_of
 from align.console import StageProgress
-from align.data import with_system_prompt
+from align.data import SFT_NEEDS, with_system_prompt
 from align.models import (
     all_finite,
     load_causal_lm,
@@ -70,7 +70,7 @@ def trl_config(config: StageConfig, output_dir: Path, trl_class: str | None = No
 
 
 #: Column layouts SFT understands, in the order they are tried.
-SFT_LAYOUTS: tuple[tuple[str, ...], ...] = (("messages",), ("prompt", "completion"), ("text",))
+SFT_LAYOUTS: tuple[tuple[str, ...], ...] = tuple(tuple(layout.required) for layout in SFT_NEEDS.layouts)
 
 
 def sft_layout(columns: Any) -> tuple[str, ...] | None:

@@ -219,6 +219,9 @@ def code_format(
     """
     texts = completion_texts(completions)
     languages = [language] * len(texts) if isinstance(language, str) else list(language)
+    if len(languages) != len(texts):
+        raise ValueError(f"code_format: language lists {len(languages)} languages for {len(texts)} completions; "
+                         "give one language, or one per completion (a dataset column)")
     rewards = []
     for text, wanted in zip(texts, languages, strict=True):
         answer = tag_block(text, answer_tag) if is_well_formed(text, think_tag, answer_tag, prefilled_think) else None

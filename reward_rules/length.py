@@ -96,7 +96,7 @@ def length(
     if group_by_prompt and prompts is not None and len(prompts) == len(texts):
         for i, prompt in enumerate(prompts):
             groups[prompt_key(prompt)].append(i)
-    else:
+    elif texts:
         groups[""] = list(range(len(texts)))
 
     rewards: list[float | None] = [None] * len(texts)

@@ -90,8 +90,9 @@ def test_max_kl_without_a_reference_is_rejected(tmp_path: Path) -> None:
 
 
 def test_grpo_with_every_prompt_dropped_fails_with_the_reason(tmp_path: Path) -> None:
-    record = run_failing(tmp_path, GRPO, "grpo", "stages.grpo.max_prompt_length=2")
-    assert "every one of the 32 prompts is longer than max_prompt_length (2 tokens)" in (record.error or "")
+    record = run_failing(tmp_path, GRPO, "grpo", "stages.grpo.max_prompt_length=2", "stages.grpo.dataset.on_bad_rows=skip")
+    assert "every one of the 32 rows read is bad (on_bad_rows: skip left none)" in (record.error or "")
+    assert "max_prompt_length" in (record.error or "")
 
 
 def test_weights_that_turned_nan_are_caught_at_the_checkpoint(tmp_path: Path) -> None:

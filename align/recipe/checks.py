@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from align.recipe.errors import KeyPath, Problem
 from align.recipe.loader import LocatedYAML
@@ -20,6 +21,9 @@ from align.recipe.schema import (
     SamplingKnobs,
     StageConfig,
 )
+
+if TYPE_CHECKING:
+    from align.data import Needs
 
 
 @dataclass
@@ -89,7 +93,31 @@ class CheckContext:
         except data.DataError as err:
             self.error((*rel_path, "path"), str(err))
             return None
-        return _renamed(columns, spec.columns) if columns is not None else None
+        if columns is None:
+            return None
+        # Broken records among the first rows (not JSON, not UTF-8, …) whatever the stage reads.
+        self._row_problems(spec, rel_path, data.first_row_problems(spec, self.base_dir))
+        return _renamed(columns, spec.columns)
+
+    def check_rows(self, spec: DataSpec | None, rel_path: KeyPath, need: Needs) -> None:
+        """The first rows hold what the stage needs (`need`: the same check `load_dataset` runs on every
+        row the stage uses): a null prompt in row 0 fails here, not in a trainer."""
+        from align import data
+
+        if spec is None or not self.check_files or REFERENCE.match(spec.path):
+            return
+        try:
+            problems = data.first_row_problems(spec, self.base_dir, need)
+        except data.DataError:
+            return  # dataset_columns reports what keeps the file from being read
+        self._row_problems(spec, rel_path, problems)
+
+    def _row_problems(self, spec: DataSpec, rel_path: KeyPath, problems: list[str] | None) -> None:
+        for problem in problems or ():
+            if spec.on_bad_rows == "skip":
+                self.notices.append(f"{problem} (on_bad_rows: skip: such rows are dropped and counted)")
+            else:
+                self.error((*rel_path, "path"), f"{problem} (or set on_bad_rows: skip to drop such rows)")
 
     def require_columns(self, spec: DataSpec, rel_path: KeyPath, needed: dict[str, str]) -> None:
         """`needed` maps column → why it is needed; reports the ones the data lacks."""
@@ -117,17 +145,9 @@ class CheckContext:
 
     def rule_columns(self, rewards: list[RewardSpec]) -> dict[str, str]:
         """Dataset columns the rules read, column → why (rules that do not resolve are left out)."""
-        from align.rewards import RuleResolutionError, resolve_rule, rule_signature
+        from align.rewards import reward_columns
 
-        needed: dict[str, str] = {}
-        for spec in rewards:
-            try:
-                fn = resolve_rule(spec.rule, self.base_dir)
-            except RuleResolutionError:
-                continue
-            for column in rule_signature(fn).columns:
-                needed.setdefault(column, f"reward rule '{spec.rule}' reads it")
-        return needed
+        return reward_columns(rewards, self.base_dir)
 
     def check_rewards(self, rewards: list[RewardSpec], dataset: DataSpec | None, rel_path: KeyPath = ("rewards",)) -> None:
         """Each rule resolves, its parameters fit its signature, and the dataset has its columns."""

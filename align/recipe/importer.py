@@ -152,8 +152,8 @@ def import_grpo_config(config: dict[str, Any], source: str, num_processes: int |
             stage["warmup_steps"] = value  # align reads a float below 1 as a share of all steps
         elif key == "max_prompt_length":
             stage[key] = value
-            notes.append("max_prompt_length: align drops prompts longer than this (counted in the metrics) "
-                         "instead of cutting them")
+            notes.append("max_prompt_length: align never cuts a prompt; a longer one is an error naming its row, "
+                         "or, with on_bad_rows: skip on the dataset, dropped and counted in the metrics")
         elif key in grpo_fields:
             stage[key] = value
         else:

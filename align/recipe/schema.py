@@ -72,6 +72,12 @@ class DataSpec(Strict):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns on load: {old_name: new_name}."
     )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        default="error",
+        description="A row the stage cannot use (a null, empty or wrongly typed field, a malformed line, bytes that "
+        "are not UTF-8, a prompt over the token limit): error names its file, line and column and stops before "
+        "training; skip drops it, logs it and counts it in the stage's metrics (<key>_skipped_rows).",
+    )
 
 
 def _path_shorthand(key: str) -> BeforeValidator:
@@ -230,6 +236,29 @@ class SamplingKnobs(BaseModel):
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     vllm_tensor_parallel_size: PositiveInt = 1
     vllm_max_model_length: PositiveInt | None = None
+
+
+#: A failed sample gets no reward from the rule, which in a group-relative advantage reads like a
+#: wrong answer: at a tenth of the samples that is already a tenth of the rule's signal turned to
+#: noise, while a working rule fails on next to none (a pathological output now and then).
+MAX_RULE_FAILURE_RATE = 0.1
+#: Enough samples for a share to mean something: one bad first batch of 2 stops nothing.
+RULE_FAILURE_MIN_SAMPLES = 64
+
+
+class RuleFailureKnobs(BaseModel):
+    """When a reward rule that misbehaves (raises, times out, returns NaN/±inf or no number) stops the
+    stage scoring with it, instead of training on silently. Every failed sample scores None (no
+    reward from that rule) and is counted in `<rule>_failures`."""
+
+    max_rule_failure_rate: float = Field(
+        default=MAX_RULE_FAILURE_RATE, ge=0.0, le=1.0,
+        description="Stop the stage once a rule has failed on more than this share of the samples it scored "
+        "(1: never stop).",
+    )
+    rule_failure_min_samples: PositiveInt = Field(
+        default=RULE_FAILURE_MIN_SAMPLES, description="Samples a rule must have scored before its failure share is judged.",
+    )
 
 
 class RecipeHeader(Strict):

@@ -136,7 +136,7 @@ def _walk_strings(value: Any, path: KeyPath) -> Iterator[tuple[KeyPath, str]]:
 
 def _check_references(raw_stages: list[Any], typed: dict[str, StageConfig], located: LocatedYAML) -> list[Problem]:
     problems: list[Problem] = []
-    order = {stage.get("name"): i for i, stage in enumerate(raw_stages) if isinstance(stage, dict)}
+    order = {stage["name"]: i for i, stage in enumerate(raw_stages) if isinstance(stage, dict) and isinstance(stage.get("name"), str)}
     for i, stage in enumerate(raw_stages):
         if not isinstance(stage, dict):
             continue
@@ -196,7 +196,7 @@ def validate_data(
         if isinstance(name, str):
             seen.add(name)
         stage_type = raw.get("type")
-        if stage_type not in STAGE_TYPES:
+        if not isinstance(stage_type, str) or stage_type not in STAGE_TYPES:
             hint = did_you_mean(str(stage_type), STAGE_TYPES)
             expected = ", ".join(STAGE_TYPES)
             add((*prefix, "type"), f"unknown stage type {stage_type!r}{hint}; expected one of: {expected}")

@@ -41,7 +41,15 @@ from pydantic import Field, PositiveInt
 
 from align.artifacts import ChunkedJsonl, StageContext, read_committed
 from align.console import StageProgress
-from align.data import chat_prompt, load_dataset, message_text
+from align.data import (
+    PROMPT_NEEDS,
+    SFT_NEEDS,
+    Needs,
+    RowLedger,
+    chat_prompt,
+    load_dataset,
+    message_text,
+)
 from align.generation import load_sampler
 from align.models import (
     checkpoint_parameter_count,
@@ -121,7 +129,14 @@ def _has_traces(columns: set[str]) -> bool:
     return "messages" in columns or {"prompt", "completion"} <= columns
 
 
+def needs(config: Config) -> Needs:
+    """Every row: traces (messages, or prompt + completion) or a prompt for the teacher, as `traces` says."""
+    traces = SFT_NEEDS.layouts[:2]
+    return Needs({"dataset": traces, "teacher": PROMPT_NEEDS.layouts}.get(config.traces, (*traces, *PROMPT_NEEDS.layouts)))
+
+
 def check(config: Config, ctx: CheckContext) -> None:
+    ctx.check_rows(config.dataset, ("dataset",), needs(config))
     columns = ctx.dataset_columns(config.dataset, ("dataset",))
     if columns is not None:
         if config.traces == "dataset" and not _has_traces(columns):
@@ -251,7 +266,8 @@ def _check_shared_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any, tea
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     teacher = config.teacher or config.model
     assert teacher is not None
-    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
+    ledger = RowLedger()  # rows dropped under on_bad_rows: skip
+    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=needs(config), ledger=ledger)
     figures: dict[str, Any] = {}
     if trace_source(config, dataset.column_names) == "teacher":
         train, figures = _teacher_traces(config, teacher, dataset, ctx)
@@ -266,7 +282,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         teacher_params = checkpoint_parameter_count(resolve_model_path(teacher.name_or_path, ctx.base_dir))
     else:
         metrics, student_params, teacher_params = _train_logit(config, ctx, teacher, train)
-    metrics = {**figures, **metrics, "student_params": student_params}
+    metrics = {**figures, **metrics, **ledger.metrics(), "student_params": student_params}
     if teacher_params:
         metrics["teacher_params"] = teacher_params
         metrics["student_teacher_param_ratio"] = round(student_params / teacher_params, 4)

@@ -42,7 +42,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BeforeValidator, Field, PositiveInt
 
 from align.artifacts import EVAL, StageContext
-from align.data import load_dataset, prepare_preference_pairs
+from align.data import RowLedger, load_dataset, preference_needs, prepare_preference_pairs
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, TrlStageConfig
 from align.training import fit, preference_trainer, run_metrics, save_trained_model
@@ -83,6 +83,8 @@ class Config(TrlStageConfig):
 def check(config: Config, ctx: CheckContext) -> None:
     ctx.check_preference_data(config.dataset, ("dataset",), config.ranking_column)
     ctx.check_preference_data(config.eval_dataset, ("eval_dataset",), config.ranking_column)
+    for key in ("dataset", "eval_dataset"):
+        ctx.check_rows(getattr(config, key), (key,), preference_needs(config.ranking_column))
     ctx.check_lora(config.lora)
     extra = config.model_extra or {}
     losses = config.loss_type
@@ -192,22 +194,27 @@ def pair_metrics(logps: Any, beta: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------
 
 
-def build_trainer(config: Config, ctx: StageContext) -> Any:
-    """The DPOTrainer for this stage, not yet trained: data prepared, reference decided (see the module
-    docstring), align's metrics callback attached."""
+def build_trainer(config: Config, ctx: StageContext, ledger: RowLedger | None = None) -> Any:
+    """The DPOTrainer for this stage, not yet trained: data prepared (rows skipped under on_bad_rows:
+    skip counted in `ledger`), reference decided (see the module docstring), align's metrics callback
+    attached."""
     from trl import DPOTrainer
 
     assert config.model is not None
     prepare = dict(ranking_column=config.ranking_column, weighting=None, system_prompt=config.system_prompt)
-    train = prepare_preference_pairs(load_dataset(config.dataset, ctx.base_dir, ctx.seed), **prepare)
+    need = preference_needs(config.ranking_column)
+    train = prepare_preference_pairs(load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=need, ledger=ledger),
+                                     **prepare)  # fmt: skip
     evaluation = None
     if config.eval_dataset is not None:
-        evaluation = prepare_preference_pairs(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed), **prepare)
+        evaluation = prepare_preference_pairs(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed, need=need,
+                                                           ledger=ledger, key="eval_dataset"), **prepare)  # fmt: skip
     return preference_trainer(DPOTrainer, config, ctx, train, evaluation)
 
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
-    trainer = build_trainer(config, ctx)
+    ledger = RowLedger()
+    trainer = build_trainer(config, ctx, ledger)
     logger.info("dpo: %d pairs, loss %s, beta %g, %s, %d process(es)", len(trainer.train_dataset),
                 "+".join(config.loss_type), config.beta, "LoRA" if config.lora else "full fine-tune",
                 trainer.accelerator.num_processes)  # fmt: skip
@@ -219,7 +226,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         drift = float((start[:, :2] - start[:, 2:]).abs().max()) if len(start) else 0.0
         if trainer.is_world_process_zero():
             ctx.metrics.log(EVAL, 0, **before)
-    metrics = run_metrics(trainer, fit(trainer, ctx.metrics.path))
+    metrics = {**run_metrics(trainer, fit(trainer, ctx.metrics.path)), **ledger.metrics()}
     if trainer.eval_dataset is not None:
         end, _ = pair_logps(trainer, references)
         after = pair_metrics(end, config.beta)

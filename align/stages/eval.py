@@ -24,7 +24,7 @@ from pydantic import Field, PositiveInt
 
 from align.artifacts import StageContext
 from align.console import StageProgress
-from align.data import chat_prompt, load_dataset, write_jsonl
+from align.data import Needs, RowLedger, chat_prompt, load_dataset, write_jsonl
 from align.generation import load_sampler
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, SamplingKnobs, StageConfig
@@ -32,6 +32,8 @@ from align.recipe.schema import Data, SamplingKnobs, StageConfig
 logger = logging.getLogger("align")
 
 ARTIFACTS = {"predictions": "predictions.jsonl"}
+#: Every row: a prompt to generate from and its gold answer.
+NEEDS = Needs.of(prompt="prompt", solution="answer")
 
 
 class Config(StageConfig, SamplingKnobs):
@@ -56,6 +58,7 @@ def check(config: Config, ctx: CheckContext) -> None:
             if k > config.num_samples:
                 ctx.error((key, i), f"{metric}@{k} needs at least {k} samples per prompt (num_samples is {config.num_samples})")
     ctx.require_columns(config.dataset, ("dataset",), {"prompt": "the question to generate from", "solution": "the gold answer"})
+    ctx.check_rows(config.dataset, ("dataset",), NEEDS)
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -124,7 +127,8 @@ def score(
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     assert config.model is not None
-    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
+    ledger = RowLedger()
+    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=NEEDS, ledger=ledger)
     prompts = [chat_prompt(p, config.system_prompt, config.conversational) for p in dataset["prompt"]]
     solutions = [str(s) for s in dataset["solution"]]
     sampler = load_sampler(config.model, config, seed=ctx.seed)
@@ -135,4 +139,4 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     maj_k = sorted(set(config.maj_k if config.maj_k is not None else ([config.num_samples] if config.num_samples > 1 else [])))
     metrics, records = score(prompts, solutions, samples, pass_k, maj_k)
     write_jsonl(records, ctx.artifact(ARTIFACTS["predictions"]))
-    return metrics
+    return {**metrics, **ledger.metrics()}

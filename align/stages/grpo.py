@@ -20,17 +20,18 @@ go into the manifest.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
 from align.artifacts import SAMPLE, MetricsWriter, StageContext
-from align.data import chat_prompt, load_dataset, message_text
+from align.data import RowLedger, TokenLimit, chat_prompt, load_dataset, message_text
 from align.generation import render_prompt
 from align.models import load_tokenizer, load_trainable, materialize_merged, use_stop_tokens
 from align.recipe.checks import CheckContext
-from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, TrlStageConfig
-from align.rewards import Scorer
+from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, RuleFailureKnobs, TrlStageConfig
+from align.rewards import Scorer, prompt_needs
 from align.training import (
     attach_console,
     final_train_metrics,
@@ -47,7 +48,7 @@ ARTIFACTS = {"model": "model"}
 SAMPLES_PER_LOG = 3
 
 
-class Config(TrlStageConfig):
+class Config(TrlStageConfig, RuleFailureKnobs):
     trl_config_class: ClassVar[str | None] = "trl:GRPOConfig"
 
     type: Literal["grpo"] = "grpo"
@@ -61,7 +62,8 @@ class Config(TrlStageConfig):
         default=True, description="Wrap plain-string prompts as a user message (chat template applies); false keeps raw text."
     )
     max_prompt_length: PositiveInt | None = Field(
-        default=None, description="Prompts longer than this many tokens are dropped (and counted), not cut."
+        default=None, description="A prompt longer than this many tokens (chat template applied) is a bad row: an error "
+        "naming it, or, with the dataset's on_bad_rows: skip, dropped and counted. Never cut.",
     )
     lora: LoraSpec | None = None
     learning_rate: float = Field(default=1e-6, gt=0)
@@ -92,6 +94,7 @@ class Config(TrlStageConfig):
 def check(config: Config, ctx: CheckContext) -> None:
     ctx.require_columns(config.dataset, ("dataset",), {"prompt": "GRPO generates from it"})
     ctx.check_rewards(config.rewards, config.dataset)
+    ctx.check_rows(config.dataset, ("dataset",), prompt_needs(config.rewards, ctx.base_dir))
     ctx.check_model(config.reward_model, ("reward_model",))
     ctx.check_lora(config.lora)
     ctx.check_vllm(config.use_vllm)
@@ -160,20 +163,28 @@ def _samples_callback(recorder: SampleRecorder, writer: MetricsWriter) -> Any:
     return _Samples()
 
 
-def _prepare(dataset: Any, tokenizer: Any, config: Config) -> Any:
+def _prepare(dataset: Any, config: Config) -> Any:
     if config.conversational or config.system_prompt:
         dataset = dataset.map(lambda row: {"prompt": chat_prompt(row["prompt"], config.system_prompt, config.conversational)})
-    if config.max_prompt_length:
-        limit = config.max_prompt_length
-        before = len(dataset)
-        dataset = dataset.filter(lambda row: len(tokenizer(render_prompt(tokenizer, row["prompt"]))["input_ids"]) <= limit)
-        if len(dataset) == 0:
-            # Training on nothing would publish the input model as this stage's result.
-            raise ValueError(f"every one of the {before} prompts is longer than max_prompt_length ({limit} tokens); "
-                             "raise max_prompt_length or shorten the prompts")
-        if len(dataset) < before:
-            logger.warning("grpo: dropped %d of %d prompts longer than %d tokens", before - len(dataset), before, limit)
     return dataset
+
+
+def prompt_limit(tokenizer: Any, config: Config) -> TokenLimit | None:
+    """`max_prompt_length` as a row check: the prompt's tokens as the model sees it (chat template applied)."""
+    if not config.max_prompt_length:
+        return None
+
+    def count(prompt: Any) -> int:
+        return len(tokenizer(render_prompt(tokenizer, chat_prompt(prompt, config.system_prompt, config.conversational)))["input_ids"])
+
+    return TokenLimit("prompt", config.max_prompt_length, "max_prompt_length", count)
+
+
+def _first_and_last(history: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """`first_<key>`/`last_<key>` over the logged steps that have a finite value: TRL logs None for a
+    step on which every reward was None, and that must not cost the trained model."""
+    values = [float(h[key]) for h in history if isinstance(h.get(key), int | float) and math.isfinite(h[key])]
+    return {f"first_{key}": round(values[0], 4), f"last_{key}": round(values[-1], 4)} if values else {}
 
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
@@ -182,9 +193,13 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     assert config.model is not None
     precision = config.precision()
     tokenizer = load_tokenizer(config.model, padding_side="left")
-    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), tokenizer, config)
+    ledger = RowLedger()
+    need = prompt_needs(config.rewards, ctx.base_dir).limited(prompt_limit(tokenizer, config))
+    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=need, ledger=ledger), config)
     scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
-                          reward_model_batch_size=config.reward_model_batch_size, precision=precision, seed=ctx.seed)
+                          reward_model_batch_size=config.reward_model_batch_size, precision=precision, seed=ctx.seed,
+                          max_rule_failure_rate=config.max_rule_failure_rate,
+                          rule_failure_min_samples=config.rule_failure_min_samples)  # fmt: skip
     recorder = SampleRecorder()
     work_dir = ctx.artifact("trainer")
     args = trl_config(config, work_dir, reward_weights=[t.weight for t in scorer.terms])
@@ -208,15 +223,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     logger.info("grpo: %d prompts, %d generations each, rewards: %s", len(train), config.num_generations,
                 ", ".join(f"{t.name}×{t.weight:g}" for t in scorer.terms))
     result = fit(trainer, ctx.metrics.path)
-    metrics = final_train_metrics(trainer, result)
-    rewards_logged = [h for h in trainer.state.log_history if "reward" in h]
-    if rewards_logged:
-        metrics["first_reward"] = round(float(rewards_logged[0]["reward"]), 4)
-        metrics["last_reward"] = round(float(rewards_logged[-1]["reward"]), 4)
-    last_errors = scorer.last_errors()
-    for name, failures in scorer.failures().items():
-        metrics[f"{name}_failures"] = failures
-        if failures:
-            logger.warning("grpo: rule %s scored None on %d samples (%s)", name, failures, last_errors.get(name))
+    metrics = {**final_train_metrics(trainer, result), **_first_and_last(trainer.state.log_history, "reward"),
+               **scorer.failure_metrics("grpo"), **ledger.metrics()}  # fmt: skip
     save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir, config.model)
     return metrics

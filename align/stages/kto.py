@@ -28,7 +28,16 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PositiveInt
 
 from align.artifacts import StageContext
-from align.data import load_dataset, preference_layout, prepare_preference_pairs, with_system_prompt
+from align.data import (
+    Layout,
+    Needs,
+    RowLedger,
+    load_dataset,
+    preference_layout,
+    preference_needs,
+    prepare_preference_pairs,
+    with_system_prompt,
+)
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, DataSpec, LoraSpec, TrlStageConfig
 from align.training import fit, preference_trainer, run_metrics, save_trained_model
@@ -37,6 +46,8 @@ logger = logging.getLogger("align")
 
 ARTIFACTS = {"model": "model"}
 UNPAIRED = ("prompt", "completion", "label")
+#: Every row: an answer and its label, or a pair (the layouts `_layout` tells apart, in its order).
+NEEDS = Needs((Layout({"prompt": "prompt", "completion": "completion", "label": "label"}), preference_needs().layouts[0]))
 #: TRL's evaluation figures reported before and after training, under align's names.
 HELD_OUT = {"eval_rewards/chosen": "eval_reward_chosen", "eval_rewards/rejected": "eval_reward_rejected",
             "eval_kl": "eval_kl"}  # fmt: skip
@@ -76,6 +87,8 @@ def _check_data(spec: DataSpec | None, key: str, ctx: CheckContext) -> None:
 def check(config: Config, ctx: CheckContext) -> None:
     _check_data(config.dataset, "dataset", ctx)
     _check_data(config.eval_dataset, "eval_dataset", ctx)
+    for key in ("dataset", "eval_dataset"):
+        ctx.check_rows(getattr(config, key), (key,), NEEDS)
     ctx.check_lora(config.lora)
     extra = config.model_extra or {}
     if config.loss_type == "kto" and config.per_device_train_batch_size < 2:
@@ -102,15 +115,16 @@ def _prepare(dataset: Any, config: Config) -> Any:
     return dataset
 
 
-def build_trainer(config: Config, ctx: StageContext) -> Any:
-    """The KTOTrainer for this stage, not yet trained."""
+def build_trainer(config: Config, ctx: StageContext, ledger: RowLedger | None = None) -> Any:
+    """The KTOTrainer for this stage, not yet trained (rows skipped under on_bad_rows: skip counted in `ledger`)."""
     from trl import KTOTrainer
 
     assert config.model is not None
-    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), config)
+    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=NEEDS, ledger=ledger), config)
     evaluation = None
     if config.eval_dataset is not None:
-        evaluation = _prepare(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed), config)
+        evaluation = _prepare(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed, need=NEEDS, ledger=ledger,
+                                           key="eval_dataset"), config)  # fmt: skip
     return preference_trainer(KTOTrainer, config, ctx, train, evaluation)
 
 
@@ -124,12 +138,13 @@ def _held_out(trainer: Any) -> dict[str, float]:
 
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
-    trainer = build_trainer(config, ctx)
+    ledger = RowLedger()
+    trainer = build_trainer(config, ctx, ledger)
     logger.info("kto: %d examples, loss %s, beta %g, %s, %d process(es)", len(trainer.train_dataset),
                 config.loss_type, config.beta, "LoRA" if config.lora else "full fine-tune",
                 trainer.accelerator.num_processes)  # fmt: skip
     before = _held_out(trainer) if trainer.eval_dataset is not None else {}
-    metrics = run_metrics(trainer, fit(trainer, ctx.metrics.path))
+    metrics = {**run_metrics(trainer, fit(trainer, ctx.metrics.path)), **ledger.metrics()}
     if trainer.eval_dataset is not None:
         after = _held_out(trainer)
         for key in after:  # (both evaluations are also `eval` rows in metrics.jsonl, under TRL's names)

@@ -78,7 +78,7 @@ from pydantic import (
 from align.artifacts import EVAL, SAMPLE, TRAIN, StageContext, drop_metrics_after
 from align.checkpoints import checkpoint_dir, latest_checkpoint, mark_complete, prune
 from align.console import StageProgress
-from align.data import chat_prompt, load_dataset
+from align.data import RowLedger, chat_prompt, load_dataset
 from align.generation import encode_prompts, eos_and_pad_ids, generate_rollout
 from align.models import (
     device,
@@ -93,8 +93,16 @@ from align.models import (
 )
 from align.preempt import Interrupted, signal_name, stop_agreed
 from align.recipe.checks import CheckContext
-from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, StageConfig, TrainingKnobs
-from align.rewards import Scorer
+from align.recipe.schema import (
+    Data,
+    LoraSpec,
+    Model,
+    RewardSpec,
+    RuleFailureKnobs,
+    StageConfig,
+    TrainingKnobs,
+)
+from align.rewards import Scorer, prompt_needs
 from align.tracking import accelerate_trackers, flat_config
 from align.training import warmup_step_count
 
@@ -106,7 +114,7 @@ logger = logging.getLogger("align")
 ARTIFACTS = {"model": "model"}
 
 
-class Config(StageConfig, TrainingKnobs):
+class Config(StageConfig, TrainingKnobs, RuleFailureKnobs):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     type: Literal["ppo"] = "ppo"
@@ -190,6 +198,8 @@ def check(config: Config, ctx: CheckContext) -> None:
     ctx.require_columns(config.dataset, ("dataset",), prompt)
     if config.eval_dataset is not None:
         ctx.require_columns(config.eval_dataset, ("eval_dataset",), {**prompt, **ctx.rule_columns(config.rewards)})
+    for key in ("dataset", "eval_dataset"):
+        ctx.check_rows(getattr(config, key), (key,), prompt_needs(config.rewards, ctx.base_dir))
     ctx.check_model(config.reward_model, ("reward_model",))
     ctx.check_model(config.value_model, ("value_model",))
     ctx.check_lora(config.lora)
@@ -498,7 +508,8 @@ class PPORun:
                           .requires_grad_(False).eval().to(accelerator.device))
         self.scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
                                    reward_model_batch_size=config.local_rollout_forward_batch_size, precision=precision,
-                                   seed=ctx.seed)  # fmt: skip
+                                   seed=ctx.seed, max_rule_failure_rate=config.max_rule_failure_rate,
+                                   rule_failure_min_samples=config.rule_failure_min_samples)  # fmt: skip
         critic = load_trainable(config.value_model or config.reward_model or config.model, config.value_lora,
                                 precision=precision, task="sequence_classification", seed=ctx.seed,
                                 wrap_lora=True).model  # fmt: skip
@@ -508,8 +519,9 @@ class PPORun:
         self.eos_ids, self.pad_id = eos_and_pad_ids(policy, self.tokenizer)
 
         # ---- data -----------------------------------------------------------------------------
+        self.ledger = RowLedger()  # rows dropped under on_bad_rows: skip
         self.table = self.prompt_table(config.dataset)
-        self.eval_table = self.prompt_table(config.eval_dataset) if config.eval_dataset is not None else None
+        self.eval_table = self.prompt_table(config.eval_dataset, "eval_dataset") if config.eval_dataset is not None else None
         self.micro = config.per_device_train_batch_size
         self.mini = self.micro * config.gradient_accumulation_steps
         local_batch = self.mini * config.num_mini_batches
@@ -556,9 +568,10 @@ class PPORun:
     def unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.actor_critic)
 
-    def prompt_table(self, spec: Any) -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
+    def prompt_table(self, spec: Any, key: str = "dataset") -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
         """Prompts as the model sees them, their token ids, and the other columns (for the rules)."""
-        data = load_dataset(spec, self.ctx.base_dir, self.ctx.seed)
+        data = load_dataset(spec, self.ctx.base_dir, self.ctx.seed, need=prompt_needs(self.config.rewards, self.ctx.base_dir),
+                            ledger=self.ledger, key=key)  # fmt: skip
         prompts = [chat_prompt(p, self.config.system_prompt, self.config.conversational) for p in data["prompt"]]
         columns = {c: data[c] for c in data.column_names if c != "prompt"}
         return prompts, encode_prompts(self.tokenizer, prompts), columns
@@ -845,4 +858,6 @@ class PPORun:
             **({"resumed_from_step": self.resumed_from} if self.resumed_from else {}),
             "train_runtime_s": round(runtime, 2),
             "s_per_step": round(runtime / max(1, self.total_steps - (self.resumed_from or 0)), 4),
+            **self.scorer.failure_metrics("ppo"),
+            **self.ledger.metrics(),
         }

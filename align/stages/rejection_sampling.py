@@ -55,14 +55,14 @@ from pydantic import Field, PositiveInt, PrivateAttr, model_validator
 
 from align.artifacts import ChunkedJsonl, StageContext
 from align.console import StageProgress
-from align.data import chat_prompt, load_dataset
+from align.data import SFT_NEEDS, Needs, RowLedger, chat_prompt, load_dataset
 from align.generation import load_sampler
 from align.models import resolve_model_path
 from align.preempt import Interrupted, signal_name, stop_requested
 from align.recipe.checks import CheckContext
 from align.recipe.errors import did_you_mean
-from align.recipe.schema import Data, Model, RewardSpec, SamplingKnobs, StageConfig
-from align.rewards import REWARD_MODEL, Scorer, bind_rule, resolve_rule
+from align.recipe.schema import Data, Model, RewardSpec, RuleFailureKnobs, SamplingKnobs, StageConfig
+from align.rewards import REWARD_MODEL, Scorer, bind_rule, prompt_needs, resolve_rule
 from align.training import SFT_LAYOUTS, sft_layout
 
 logger = logging.getLogger("align")
@@ -78,9 +78,11 @@ SFT_ONLY_KEYS = frozenset({"keep", "thresholds", "pass_threshold", "keep_k", "sc
                            "mix_dataset", "mix_ratio"})
 #: Input columns the sample replaces: left in, SFT would train on the gold instead of the sample.
 REPLACED_COLUMNS = frozenset({"completion", "messages", "text"})
+#: The mix dataset's rows: a conversation, or a prompt and its completion.
+MIX_NEEDS = Needs(SFT_NEEDS.layouts[:2])
 
 
-class Config(StageConfig, SamplingKnobs):
+class Config(StageConfig, SamplingKnobs, RuleFailureKnobs):
     type: Literal["rejection_sampling"] = "rejection_sampling"
     dataset: Data = Field(description="Prompts (`prompt` column) plus the columns the rules read.")
     system_prompt: str | None = Field(default=None, description="Prepended to conversational prompts that lack one.")
@@ -153,6 +155,8 @@ def check(config: Config, ctx: CheckContext) -> None:
 
     ctx.require_columns(config.dataset, ("dataset",), {"prompt": "completions are sampled from it"})
     ctx.check_rewards(config.rewards, config.dataset)
+    ctx.check_rows(config.dataset, ("dataset",), prompt_needs(config.rewards, ctx.base_dir))
+    ctx.check_rows(config.mix_dataset, ("mix_dataset",), MIX_NEEDS)
     ctx.check_model(config.reward_model, ("reward_model",))
     ctx.check_sampling(config, config.num_generations, "num_generations")
     ctx.check_context(ctx.model_spec(config), config, ("max_completion_length",))
@@ -480,10 +484,14 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         raise RuntimeError("rejection_sampling runs in one process; use launcher inprocess or subprocess "
                            "(with use_vllm and vllm_tensor_parallel_size for several GPUs)")
     model_spec = config.model
-    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
+    ledger = RowLedger()  # rows dropped under on_bad_rows: skip
+    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=prompt_needs(config.rewards, ctx.base_dir),
+                           ledger=ledger)  # fmt: skip
     rules = KeepRules.from_config(config)
     scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
-                          reward_model_batch_size=config.reward_model_batch_size, seed=ctx.seed)  # fmt: skip
+                          reward_model_batch_size=config.reward_model_batch_size, seed=ctx.seed,
+                          max_rule_failure_rate=config.max_rule_failure_rate,
+                          rule_failure_min_samples=config.rule_failure_min_samples)  # fmt: skip
     language_rule = None
     if config.language is not None:
         language_rule = bind_rule(resolve_rule("language_consistency"), {"language": config.language,
@@ -558,7 +566,8 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         # The mix comes after the last commit: a stage killed while mixing redoes only the mix.
         mixed = 0
         if config.mix_dataset is not None:
-            pairs = _sft_pairs(load_dataset(config.mix_dataset, ctx.base_dir, ctx.seed))
+            pairs = _sft_pairs(load_dataset(config.mix_dataset, ctx.base_dir, ctx.seed, need=MIX_NEEDS, ledger=ledger,
+                                            key="mix_dataset"))  # fmt: skip
             wanted = mix_count(tally.accepted, config.mix_ratio)
             if wanted > len(pairs):
                 logger.warning("rejection_sampling: mix dataset has %d rows, %d wanted for mix_ratio %.3g; using all",
@@ -578,12 +587,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         metrics = tally.pair_metrics(len(dataset), generation_s)
     else:
         metrics = tally.metrics(len(dataset), mixed, generation_s)
-    last_errors = scorer.last_errors()
-    for name, failures in (earlier_failures + Counter(scorer.failures())).items():
-        if failures:
-            metrics[f"{name}_failures"] = failures
-            logger.warning("rejection_sampling: rule %s scored None on %d samples (%s)", name, failures,
-                           last_errors.get(name))  # fmt: skip
+    metrics.update(scorer.failure_metrics("rejection_sampling", earlier_failures), **ledger.metrics())
     if config.output == "pairs" and tally.accepted == 0:
         raise RuntimeError(f"no prompt gave two samples whose weighted scores differ by ≥ pair_margin "
                            f"({config.pair_margin:g}) (dropped: {dict(tally.dropped)}); "

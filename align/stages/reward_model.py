@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PositiveInt
 
 from align.artifacts import EVAL, StageContext
-from align.data import PairWeighting, load_dataset, prepare_preference_pairs
+from align.data import PairWeighting, RowLedger, load_dataset, preference_needs, prepare_preference_pairs
 from align.models import load_tokenizer, load_trainable
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, TrlStageConfig
@@ -70,6 +70,8 @@ class Config(TrlStageConfig):
 def check(config: Config, ctx: CheckContext) -> None:
     ctx.check_preference_data(config.dataset, ("dataset",), config.ranking_column)
     ctx.check_preference_data(config.eval_dataset, ("eval_dataset",), config.ranking_column)
+    for key in ("dataset", "eval_dataset"):
+        ctx.check_rows(getattr(config, key), (key,), preference_needs(config.ranking_column))
     ctx.check_lora(config.lora)
     ctx.check_context(ctx.model_spec(config), config, ("max_length",))
 
@@ -150,8 +152,11 @@ def pairwise_metrics(trainer: Any) -> dict[str, Any]:
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     assert config.model is not None
-    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), config)
-    evaluation = _prepare(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed), config) if config.eval_dataset else None
+    ledger = RowLedger()  # rows dropped under on_bad_rows: skip
+    need = preference_needs(config.ranking_column)
+    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=need, ledger=ledger), config)
+    evaluation = (_prepare(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed, need=need, ledger=ledger,
+                                        key="eval_dataset"), config) if config.eval_dataset else None)  # fmt: skip
     tokenizer = load_tokenizer(config.model, padding_side="right")
     trainable = load_trainable(config.model, config.lora, precision=config.precision(), task="sequence_classification",
                                seed=ctx.seed)  # fmt: skip
@@ -169,7 +174,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     attach_console(trainer, ctx)
     logger.info("reward_model: %d pairs, %s", len(train), "LoRA" if config.lora else "full fine-tune")
     result = fit(trainer, ctx.metrics.path)
-    metrics = final_train_metrics(trainer, result)
+    metrics = {**final_train_metrics(trainer, result), **ledger.metrics()}
     if evaluation is not None:
         held_out = pairwise_metrics(trainer)
         metrics.update(held_out)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 
 from align.artifacts import read_metrics
 from align.recipe.validate import load_recipe
-from align.runner import run_recipe
+from align.runner import StageFailed, run_recipe
 from tests.recipe_problems import recipe_problems
 
 RECIPE = """\
@@ -171,3 +173,63 @@ stages:
         assert torch.allclose(ref_logits, sft_model(input_ids=ids).logits, atol=1e-5)
         assert not torch.allclose(ref_logits, base(input_ids=ids).logits, atol=1e-3)  # the adapter did move it
     assert not (tmp_path / "run" / "grpo" / "trainer").exists()  # the merged copy went with the scratch files
+
+
+# ---------------------------------------------------------------- misbehaving rules and bad rows at run time
+
+MISBEHAVING_RULES = '''
+def nothing(completions, **kwargs):
+    """Scores no sample (None everywhere): TRL then logs the step's reward as None."""
+    return [None] * len(completions)
+
+
+def boom(completions, **kwargs):
+    """Raises on every call."""
+    raise RuntimeError("boom")
+'''
+
+
+def test_an_all_none_rule_and_a_skipped_long_prompt_still_give_a_model(tmp_path: Path) -> None:
+    (tmp_path / "rules.py").write_text(MISBEHAVING_RULES)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}+1?"}) + "\n" for i in range(7))
+                    + json.dumps({"prompt": "What is " + "1+" * 60 + "1?"}) + "\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    recipe = load_recipe(path, [f"stages.grpo.rewards=[{{rule: {tmp_path}/rules.py:nothing}}]", "stages.grpo.max_steps=2",
+                                f"stages.grpo.dataset={{path: {data}, on_bad_rows: skip}}", "stages.grpo.max_prompt_length=40"])
+    manifest = run_recipe(recipe, tmp_path / "run", report=lambda _: None)
+    record = manifest.record("grpo")
+    assert record.status == "complete", record.error
+    assert record.metrics["steps"] == 2 and record.metrics["nothing_failures"] == 0
+    assert "first_reward" not in record.metrics  # every logged reward was None: nothing to report, nothing lost
+    assert record.metrics["dataset_skipped_rows"] == 1  # the long prompt
+    rows = read_metrics(tmp_path / "run" / "grpo" / "metrics.jsonl", "train")
+    assert [row["reward"] for row in rows if "reward" in row] == [None, None]
+    assert (tmp_path / "run" / "grpo" / "model" / "config.json").exists()
+
+
+def test_a_prompt_over_max_prompt_length_fails_before_training(tmp_path: Path) -> None:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 1+1?", "solution": "2"}) + "\n"
+                    + json.dumps({"prompt": "What is " + "1+" * 60 + "1?", "solution": "61"}) + "\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    recipe = load_recipe(path, [f"stages.grpo.dataset={data}", "stages.grpo.max_prompt_length=40"])
+    with pytest.raises(StageFailed) as info:
+        run_recipe(recipe, tmp_path / "run", report=lambda _: None)
+    assert re.search(rf"{re.escape(str(data))}:2: column 'prompt' is \d+ tokens long, more than max_prompt_length \(40\)",
+                     str(info.value)), info.value
+    assert read_metrics(tmp_path / "run" / ".grpo.partial" / "metrics.jsonl", "train") == []
+
+
+def test_a_rule_that_keeps_failing_stops_the_stage_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "rules.py").write_text(MISBEHAVING_RULES)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    recipe = load_recipe(path, [f"stages.grpo.rewards=[{{rule: {tmp_path}/rules.py:boom}}, {{rule: format}}]",
+                                "stages.grpo.rule_failure_min_samples=8"])
+    with pytest.raises(StageFailed) as info:
+        run_recipe(recipe, tmp_path / "run", report=lambda _: None)
+    assert re.search(r"RuleFailureError: reward rule 'boom' failed on (\d+) of the \1 samples it scored \(100%, more "
+                     r"than max_rule_failure_rate 0.1\); last error: RuntimeError: boom", str(info.value)), info.value

@@ -352,3 +352,16 @@ def test_a_kl_beyond_max_kl_stops_the_stage_and_publishes_nothing(tmp_path: Path
         run_recipe(load_recipe(path, ["stages.ppo.max_kl=1e-9", "stages.ppo.learning_rate=1e-2"]), tmp_path / "run",
                    report=lambda _: None)  # fmt: skip
     assert not (tmp_path / "run" / "ppo").exists()
+
+
+def test_inf_rule_scores_never_reach_the_loss(tmp_path: Path) -> None:
+    """A rule that scores +inf on some samples: those score None (the score is the other terms'), are
+    counted, and every logged figure stays finite; max_rule_failure_rate 1 lets the stage run on."""
+    (tmp_path / "rules.py").write_text(
+        "def spiky(completions, **kwargs):\n    return [float('inf') if i % 2 else 1.0 for i in range(len(completions))]\n")
+    metrics, _, rows = run_ppo(tmp_path, f"stages.ppo.rewards=[{{rule: {tmp_path}/rules.py:spiky}}]",
+                               "stages.ppo.max_rule_failure_rate=1", "stages.ppo.max_steps=2", "stages.ppo.eval_dataset=null")
+    assert metrics["spiky_failures"] == 8  # 2 steps × 8 rollouts, every second one inf
+    assert math.isfinite(metrics["first_score"]) and math.isfinite(metrics["last_score"])
+    for row in step_rows(rows):
+        assert row["score/spiky"] == 1.0 and math.isfinite(row["policy_loss"]) and math.isfinite(row["value_loss"])

@@ -531,3 +531,13 @@ def test_written_pairs_hold_when_rescored_independently(pairs_run: tuple[Path, d
     assert len(rejected) == 48 - len(pairs) == metrics["zero_accepted_prompts"]
     paired = {p["prompt"][-1]["content"] for p in pairs}
     assert not paired & {r["prompt"][-1]["content"] for r in rejected}
+
+
+def test_a_rule_that_scores_inf_stops_the_stage_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "rules.py").write_text("def infinite(completions, **kwargs):\n    return [float('inf')] * len(completions)\n")
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    recipe = load_recipe(tmp_path / "recipe.yaml", [f"stages.rs.rewards=[{{rule: {tmp_path}/rules.py:infinite}}]",
+                                                    "stages.rs.rule_failure_min_samples=8"])
+    with pytest.raises(RuntimeError, match=r"reward rule 'infinite' failed on 32 of the 32 samples it scored \(100%, "
+                                           r"more than max_rule_failure_rate 0.1\); last error: returned inf for sample 0"):
+        run_recipe(recipe, tmp_path / "run", report=lambda _: None)
