@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from align import artifacts as art
+from align.console import quiet_libraries, setup_console
+from align.preempt import EXIT_INTERRUPTED, Interrupted, stop_on_signals
 from align.recipe.schema import StageConfig
 from align.stages import stage_module
+from align.tracking import tracking_env
 
 logger = logging.getLogger("align")
 
@@ -35,36 +38,52 @@ def rank_errors(out_dir: Path) -> list[str]:
     return [f"rank {p.stem.removeprefix('error.rank')}: {p.read_text(encoding='utf-8').strip()}" for p in found]
 
 
-def write_stage_config(out_dir: Path, config: dict[str, Any], base_dir: Path) -> None:
-    """What the orchestrator hands a stage: its config, validated, with references and paths resolved."""
+def write_stage_config(out_dir: Path, config: dict[str, Any], base_dir: Path, fingerprint: str) -> None:
+    """What the orchestrator hands a stage: its config, validated, with references and paths resolved,
+    and its fingerprint (kept in result.json, so finished stage folders describe themselves)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    art.write_json_atomic(out_dir / art.STAGE_CONFIG, {"base_dir": str(base_dir.resolve()), "config": config})
+    for stale in out_dir.glob("error.rank*.txt"):  # a previous attempt's
+        stale.unlink()
+    art.write_json_atomic(out_dir / art.STAGE_CONFIG,
+                          {"base_dir": str(base_dir.resolve()), "fingerprint": fingerprint, "config": config})
 
 
-def read_stage_config(out_dir: Path) -> tuple[StageConfig, Path]:
+def read_stage_config(out_dir: Path) -> tuple[StageConfig, Path, str | None]:
     raw = json.loads((out_dir / art.STAGE_CONFIG).read_text(encoding="utf-8"))
     config = raw["config"]
-    return stage_module(config["type"]).Config.model_validate(config), Path(raw["base_dir"])
+    return stage_module(config["type"]).Config.model_validate(config), Path(raw["base_dir"]), raw.get("fingerprint")
 
 
 def execute_stage(out_dir: Path) -> dict[str, Any]:
     """Run the stage whose config is in `out_dir` (its scratch folder) and write its result there.
-    On failure the whole traceback goes into the stage's log.txt and the error line into
-    `error.rank<N>.txt`; the exception propagates."""
-    config, base_dir = read_stage_config(out_dir)
+    SIGTERM/SIGINT make it checkpoint and stop (`Interrupted`). On failure the whole traceback goes
+    into the stage's log.txt and the error line into `error.rank<N>.txt`; the exception propagates."""
+    config, base_dir, fingerprint = read_stage_config(out_dir)
     module = stage_module(config.type)
     log_path = out_dir / art.LOG
     handler = logging.FileHandler(log_path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
+    # Python warnings raised during the stage (deprecations, mostly) go to its log.txt, not the console.
+    logging.captureWarnings(True)
+    quiet_libraries()
     try:
         ctx = art.StageContext(out_dir.parent, out_dir, base_dir, config.seed or 0, art.MetricsWriter(out_dir / art.METRICS))
-        metrics = module.run(config, ctx) or {}
+        with tracking_env(getattr(config, "report_to", None), out_dir), stop_on_signals():
+            metrics = module.run(config, ctx) or {}
         if rank() == 0:
             ctx.metrics.log(art.SUMMARY, int(metrics.get("steps", 0)), **metrics)
-            art.write_json_atomic(out_dir / art.RESULT, {"metrics": metrics, "artifacts": dict(module.ARTIFACTS)})
+            art.write_json_atomic(out_dir / art.RESULT, {"fingerprint": fingerprint, "metrics": metrics,
+                                                         "artifacts": dict(module.ARTIFACTS),
+                                                         "world_size": world_size(), "device": device_name()})
         return metrics
+    except Interrupted as err:
+        root.removeHandler(handler)
+        with log_path.open("a", encoding="utf-8") as log:
+            log.write(f"stage '{config.name}' interrupted on rank {rank()}: {err}\n")
+        error_file(out_dir, rank()).write_text(f"Interrupted: {err}\n", encoding="utf-8")
+        raise
     except BaseException as err:
         root.removeHandler(handler)
         with log_path.open("a", encoding="utf-8") as log:
@@ -72,8 +91,26 @@ def execute_stage(out_dir: Path) -> dict[str, Any]:
         error_file(out_dir, rank()).write_text(f"{type(err).__name__}: {err}\n", encoding="utf-8")
         raise
     finally:
+        logging.captureWarnings(False)
         root.removeHandler(handler)
         handler.close()
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def device_name() -> str | None:
+    """What the stage ran on (`cpu`, `cuda: <GPU name>`); None for a stage that never loaded torch."""
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(torch.cuda.current_device())}"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,9 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="align.execute", description="run one prepared stage")
     parser.add_argument("stage_dir", type=Path, help="the stage's scratch folder, holding stage_config.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("ALIGN_LOG_LEVEL", "INFO"), format="%(message)s")
+    setup_console()
     try:
         execute_stage(args.stage_dir)
+    except Interrupted:
+        sys.exit(EXIT_INTERRUPTED)  # checkpointed: `align run` again resumes
     except Exception:
         sys.exit(1)  # the traceback is in the stage's log.txt; the orchestrator shows its tail
     sys.exit(0)

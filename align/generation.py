@@ -5,11 +5,19 @@ settings (`SamplingKnobs`); PPO, which samples from the policy it trains, calls 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from align.models import device, load_causal_lm, load_tokenizer, resolve_model_path
+from align.models import (
+    device,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+    stop_token_ids,
+    use_stop_tokens,
+)
+from align.precision import precision_policy
 from align.recipe.schema import ModelSpec, SamplingKnobs
 
 if TYPE_CHECKING:
@@ -43,8 +51,9 @@ class Rollout:
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
-    """Token ids of each prompt, rendered with the chat template when conversational."""
-    return [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    """Token ids of each prompt: a conversation rendered with the chat template (which writes any BOS
+    itself), raw text with the tokenizer's own special tokens (its BOS), as TRL's GRPO encodes both."""
+    return [tokenizer(render_prompt(tokenizer, p), add_special_tokens=isinstance(p, str))["input_ids"] for p in prompts]
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -149,9 +158,11 @@ def generate(
     top_k: int | None = None,
     batch_size: int = 64,
     seed: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[list[Sample]]:
     """`num_samples` completions for each prompt (greedy when temperature is 0). Prompts of similar
-    length are batched together so little compute goes to padding; results keep the input order."""
+    length are batched together so little compute goes to padding; results keep the input order.
+    `progress(n)` is called after each batch with the number of completions done so far."""
     import torch
 
     _check_sampling(temperature, num_samples)
@@ -170,20 +181,15 @@ def generate(
         )
         for row, (i, s) in enumerate(batch):
             results[i][s] = _to_sample(out.response_ids[row].tolist(), eos_ids, pad_id, tokenizer)
+        if progress is not None:
+            progress(start + len(batch))
     return [[s for s in row if s is not None] for row in results]
 
 
-def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-    found = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in found:
-        found.append(tokenizer.eos_token_id)
-    return found
-
-
 def eos_and_pad_ids(model: Any, tokenizer: Any) -> tuple[list[int], int]:
-    """The ids that end a response, and the one to pad with (the first EOS when there is no pad)."""
-    eos_ids = eos_token_ids(model, tokenizer)
+    """The ids that end a response (`models.stop_token_ids`), and the one to pad with (the first of
+    them when the tokenizer has no pad)."""
+    eos_ids = stop_token_ids(model, tokenizer)
     return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
@@ -251,9 +257,11 @@ def generate_vllm(
     top_p: float = 1.0,
     top_k: int | None = None,
     seed: int | None = None,
+    stop_token_ids: list[int] | None = None,
 ) -> list[list[Sample]]:
     """`generate` on a vLLM engine. Prompts go in as token ids encoded exactly as the HF path encodes
-    them, so a chat template that already writes BOS does not get a second one from vLLM."""
+    them, so a chat template that already writes BOS does not get a second one from vLLM; a response
+    ends at any of `stop_token_ids` (the same ids the HF path stops at)."""
     from vllm import SamplingParams
 
     _check_sampling(temperature, num_samples)
@@ -265,6 +273,7 @@ def generate_vllm(
         max_tokens=max_new_tokens,
         seed=seed,
         skip_special_tokens=True,
+        stop_token_ids=stop_token_ids or None,
     )
     requests = [{"prompt_token_ids": ids} for ids in encode_prompts(tokenizer, prompts)]
     outputs = llm.generate(requests, params, use_tqdm=False)
@@ -277,32 +286,57 @@ class Sampler:
     """One loaded model (HF or vLLM) and the stage's sampling settings:
     `sampler(prompts, num_samples=n, seed=s)` → `num_samples` samples per prompt, in order."""
 
-    def __init__(self, tokenizer: Any, knobs: SamplingKnobs, *, model: Any = None, llm: Any = None) -> None:
+    def __init__(self, tokenizer: Any, knobs: SamplingKnobs, stop_ids: list[int], *, model: Any = None,
+                 llm: Any = None) -> None:  # fmt: skip
         assert (model is None) != (llm is None), "a sampler runs on an HF model or a vLLM engine"
         self.tokenizer = tokenizer
         self.knobs = knobs
+        self.stop_ids = stop_ids
         self.model = model
         self.llm = llm
 
-    def __call__(self, prompts: Sequence[Prompt], *, num_samples: int = 1, seed: int | None = None) -> list[list[Sample]]:
+    def __call__(self, prompts: Sequence[Prompt], *, num_samples: int = 1, seed: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[list[Sample]]:  # fmt: skip
+        """`progress(n)`: called with the number of completions done so far (vLLM: once, at the end)."""
         knobs = self.knobs
         if self.llm is not None:
-            return generate_vllm(self.llm, self.tokenizer, prompts, num_samples=num_samples,
-                                 max_new_tokens=knobs.max_completion_length, temperature=knobs.temperature,
-                                 top_p=knobs.top_p, top_k=knobs.top_k, seed=seed)  # fmt: skip
+            out = generate_vllm(self.llm, self.tokenizer, prompts, num_samples=num_samples,
+                                max_new_tokens=knobs.max_completion_length, temperature=knobs.temperature,
+                                top_p=knobs.top_p, top_k=knobs.top_k, seed=seed, stop_token_ids=self.stop_ids)  # fmt: skip
+            if progress is not None:
+                progress(len(prompts) * num_samples)
+            return out
         return generate(self.model, self.tokenizer, prompts, num_samples=num_samples,
                         max_new_tokens=knobs.max_completion_length, temperature=knobs.temperature, top_p=knobs.top_p,
-                        top_k=knobs.top_k, batch_size=knobs.generation_batch_size, seed=seed)  # fmt: skip
+                        top_k=knobs.top_k, batch_size=knobs.generation_batch_size, seed=seed,
+                        progress=progress)  # fmt: skip
 
 
 def load_sampler(spec: ModelSpec, knobs: SamplingKnobs, *, seed: int = 0) -> Sampler:
-    """A sampler over the model `spec` names: vLLM when `knobs.use_vllm`, else HF on this process's device."""
+    """A sampler over the model `spec` names: vLLM when `knobs.use_vllm`, else HF on this process's
+    device, in the compute dtype. Responses end at EOS, the chat template's end of turn, and the
+    spec's `stop_tokens`."""
     tokenizer = load_tokenizer(spec, padding_side="left")
     if knobs.use_vllm:
         llm = load_vllm(
-            resolve_model_path(spec.name_or_path), tokenizer_path=spec.tokenizer, seed=seed, dtype=spec.dtype,
+            resolve_model_path(spec.name_or_path), tokenizer_path=spec.tokenizer, seed=seed,
+            dtype=spec.dtype or precision_policy().frozen_dtype,
             gpu_memory_utilization=knobs.vllm_gpu_memory_utilization, tensor_parallel_size=knobs.vllm_tensor_parallel_size,
             max_model_len=knobs.vllm_max_model_length, trust_remote_code=spec.trust_remote_code,
         )  # fmt: skip
-        return Sampler(tokenizer, knobs, llm=llm)
-    return Sampler(tokenizer, knobs, model=load_causal_lm(spec).to(device()))
+        return Sampler(tokenizer, knobs, stop_token_ids(_generation_defaults(spec), tokenizer, spec.stop_tokens), llm=llm)
+    model = load_causal_lm(spec).to(device())
+    return Sampler(tokenizer, knobs, use_stop_tokens(model, tokenizer, spec), model=model)
+
+
+def _generation_defaults(spec: ModelSpec) -> Any:
+    """The checkpoint's generation config (its EOS ids), read without loading weights; None if it has none."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(resolve_model_path(spec.name_or_path), revision=spec.revision)
+    except (OSError, ValueError):
+        return None
+    return SimpleNamespace(generation_config=config)

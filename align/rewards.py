@@ -20,6 +20,7 @@ import re
 import sys
 import threading
 import time
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -27,8 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from align.paths import RULE_FILE, resolve_user_path
+from align.recipe.schema import RULE_FAILURE_MIN_SAMPLES
 
 if TYPE_CHECKING:
+    from align.data import Needs
+    from align.precision import Precision
     from align.recipe.schema import ModelSpec, RewardSpec
 
 __all__ = [
@@ -39,13 +43,17 @@ __all__ = [
     "BoundRule",
     "RewardModelReward",
     "RewardTerm",
+    "RuleFailureError",
     "RuleResolutionError",
     "RuleSignature",
     "RuleStats",
     "Scorer",
     "Scores",
     "bind_rule",
+    "prompt_needs",
+    "reward_columns",
     "check_rule_params",
+    "rule_param_problems",
     "coerce_params",
     "describe_rules",
     "resolve_rule",
@@ -90,8 +98,45 @@ def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+#: Words that say what a rule scores, by kind (the kinds of `reward_rules.RULE_KINDS`).
+KIND_WORDS: dict[str, frozenset[str]] = {
+    "math": frozenset({"accuracy", "acc", "math", "answer", "correct", "correctness", "verify", "boxed", "equation"}),
+    "format": frozenset({"format", "tag", "tags", "structure", "xml", "template"}),
+    "code": frozenset({"code", "python", "program", "programming", "test", "tests", "unit", "exec", "sandbox"}),
+    "length": frozenset({"length", "len", "overlong", "long", "short", "cosine", "tokens"}),
+    "repetition": frozenset({"repetition", "repeat", "repeated", "ngram", "ngrams", "duplicate"}),
+    "language": frozenset({"language", "lang", "script", "consistency", "multilingual"}),
+    "reasoning": frozenset({"reasoning", "steps", "step", "thinking"}),
+}
+
+
+def name_kinds(name: str) -> frozenset[str]:
+    """The kinds a rule name's words point at (`code_format` → code and format)."""
+    words = set(re.split(r"[^a-z]+", name.lower()))
+    return frozenset(kind for kind, vocabulary in KIND_WORDS.items() if words & vocabulary)
+
+
+def rule_kinds(name: str) -> frozenset[str]:
+    """What a known rule scores: a built-in's declared kinds, else what its name says."""
+    from reward_rules import RULE_KINDS
+
+    return RULE_KINDS.get(name) or name_kinds(name)
+
+
+def _did_you_mean_rule(name: str, candidates: Sequence[str]) -> str:
+    """A "did you mean" that only offers rules scoring the same things: a name that says what it
+    scores (`code_format`: code and format) is only matched to rules that score all of that, never
+    to a lookalike that scores something else (`format`). A name whose words say nothing (a typo,
+    `acuracy`) is matched by spelling alone."""
+    wanted = name_kinds(name)
+    if not wanted:
+        return _did_you_mean(name, candidates)
+    # Kind already narrows the field, so spelling may be looser (`format_code` → `code_format`).
+    return _did_you_mean(name, [c for c in candidates if wanted <= rule_kinds(c)], cutoff=0.5)
+
+
+def _did_you_mean(name: str, candidates: Sequence[str], cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=cutoff)
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
@@ -225,9 +270,16 @@ def resolve_rule(spec: str, base_dir: Path | None = None) -> RewardFunction:
             ) from error
         return _check_callable(obj, spec)
 
+    from align.recipe.aliases import UNSUPPORTED_RULES
+
+    if spec in UNSUPPORTED_RULES:
+        raise RuleResolutionError(
+            f"{UNSUPPORTED_RULES[spec]}; align has no such rule. Give your own as 'path/to/file.py:function' "
+            "(TRL's reward signature), or use 'code' for Python programs checked on stdin/stdout tests."
+        )
     known = sorted(set(builtin) | set(entry_points))
     raise RuleResolutionError(
-        f"unknown reward rule {spec!r}.{_did_you_mean(spec, known)} Known rules: {', '.join(known)}; "
+        f"unknown reward rule {spec!r}.{_did_you_mean_rule(spec, known)} Known rules: {', '.join(known)}; "
         "or give 'pkg.module:function' or 'path/to/file.py:function'."
     )
 
@@ -266,7 +318,7 @@ def _call_target(fn: Any) -> Any:
 def _type_hints(fn: Any) -> dict[str, Any]:
     target = _call_target(fn)
     try:
-        return typing.get_type_hints(target)
+        return typing.get_type_hints(target, include_extras=True)  # extras: the bounds a rule declares
     except Exception:
         pass
     # One unresolvable forward reference makes get_type_hints give up on all of them: resolve
@@ -308,59 +360,79 @@ def rule_signature(fn: Callable[..., Any]) -> RuleSignature:
     return RuleSignature(tuple(columns), params, tuple(optional), accepts_kwargs)
 
 
+_BOUNDS = (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
+
+
 def type_name(annotation: Any) -> str:
-    """Readable name of an annotation: ``float``, ``int | None``, ``Literal['en', 'zh']``."""
+    """Readable name of an annotation: ``float``, ``int | None``, ``Literal['en', 'zh']``, and for a
+    constrained one its bounds: ``float ≤ 0``, ``int ≥ 1``, ``non-empty str``."""
     if annotation is Any or annotation is inspect.Parameter.empty:
         return "any"
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *metadata = typing.get_args(annotation)
+        found = {key: getattr(m, key) for m in metadata for key, _ in _BOUNDS if getattr(m, key, None) is not None}
+        name = type_name(base)
+        low, high = [k for k in ("gt", "ge") if k in found], [k for k in ("lt", "le") if k in found]
+        if low and high:  # an interval: float in [0.0, 1.0)
+            return (f"{name} in {'[' if low[0] == 'ge' else '('}{found[low[0]]}, "
+                    f"{found[high[0]]}{']' if high[0] == 'le' else ')'}")
+        return " ".join([name, *(f"{sign} {found[key]}" for key, sign in _BOUNDS if key in found)])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(type_name(arg) for arg in typing.get_args(annotation))
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
 
 
-def _validate(annotation: Any, value: Any) -> str | None:
-    """None when ``value`` fits ``annotation`` (pydantic strict mode; ints pass as floats)."""
-    if annotation is Any:
-        return None
-    from pydantic import TypeAdapter, ValidationError
+def _validate(annotation: Any, value: Any, name: str | None = None) -> str | None:
+    """None when ``value`` fits ``annotation``: its type in pydantic strict mode ("3" is not an int,
+    1 is not a bool, 3 is a fine float) and its bounds."""
+    from reward_rules._params import value_problem
 
-    try:
-        adapter = TypeAdapter(annotation)
-    except Exception:  # an annotation pydantic cannot model: nothing to check against
-        return None
-    try:
-        adapter.validate_python(value, strict=True)
-    except ValidationError as error:
-        return "; ".join(e["msg"] for e in error.errors())
-    return None
+    return value_problem(annotation, value, name)
 
 
-def check_rule_params(fn: Callable[..., Any], params: Mapping[str, Any]) -> list[str]:
-    """Problems with the parameters a recipe gives a rule, as sentences; empty when all is fine.
+def rule_param_problems(fn: Callable[..., Any], params: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+    """Problems with the parameters a recipe gives a rule, as (parameter or None, sentence); empty
+    when all is fine.
 
-    Reports unknown names (with "did you mean"), dataset columns given as parameters, values whose
-    type does not match the annotation (pydantic strict mode: "3" is not an int, 1 is not a bool,
-    3 is a fine float), and missing parameters that have no default.
+    Reports unknown names (with "did you mean"), dataset columns given as parameters, values that
+    do not fit the annotation (type, in pydantic strict mode, and the bounds the rule declares in it:
+    ``max_penalty ≤ 0``), missing parameters that have no default, and — once every value fits on
+    its own — the relations between parameters the rule declares with ``@checks``
+    (``overlong_buffer < max_completion_length``). These are the rule's own checks, the ones a call
+    runs: what validates here does not fail on every sample in training.
     """
+    from reward_rules._params import relation_problems
+
     signature = rule_signature(fn)
-    problems: list[str] = []
+    problems: list[tuple[str | None, str]] = []
     for key, value in params.items():
         if key not in signature.params:
             if key in signature.columns or key in signature.optional_columns:
-                problems.append(f"{key!r} is a dataset column this rule reads, not a parameter")
+                problems.append((key, f"{key!r} is a dataset column this rule reads, not a parameter"))
                 continue
             known = ", ".join(sorted(signature.params)) or "none"
             problems.append(
-                f"unknown parameter {key!r}.{_did_you_mean(key, list(signature.params))} Known parameters: {known}"
+                (key, f"unknown parameter {key!r}.{_did_you_mean(key, list(signature.params))} Known parameters: {known}")
             )
             continue
         annotation, _ = signature.params[key]
-        error = _validate(annotation, value)
+        error = _validate(annotation, value, key)
         if error is not None:
-            problems.append(f"parameter {key!r} must be {type_name(annotation)}, got {value!r}: {error}")
+            problems.append((key, f"parameter {key!r} must be {type_name(annotation)}, got {value!r}: {error}"))
     for key, (annotation, default) in signature.params.items():
         if default is REQUIRED and key not in params:
-            problems.append(f"missing required parameter {key!r} ({type_name(annotation)})")
+            problems.append((None, f"missing required parameter {key!r} ({type_name(annotation)})"))
+    if not problems:
+        target = fn.fn if isinstance(fn, BoundRule) else fn
+        problems.extend(relation_problems(target, params))
     return problems
+
+
+def check_rule_params(fn: Callable[..., Any], params: Mapping[str, Any]) -> list[str]:
+    """The sentences of `rule_param_problems`."""
+    return [message for _, message in rule_param_problems(fn, params)]
 
 
 def coerce_params(fn: Callable[..., Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -402,16 +474,27 @@ class RuleStats:
     batch_failures: int = 0  # calls whose whole-batch attempt raised (then retried sample by sample)
     sample_failures: int = 0  # samples that raised on their own, scored None
     invalid_outputs: int = 0  # outputs of the wrong length or type (treated as a raise)
+    non_finite: int = 0  # samples scored NaN or ±inf, scored None instead
     timeouts: int = 0  # calls (or per-sample retries) cut off by the wall-clock timeout
+    timed_out_samples: int = 0  # samples those cut off, scored None
     none_samples: int = 0  # all None rewards handed to TRL, whatever the reason
     last_error: str | None = None
 
+    @property
+    def failed_samples(self) -> int:
+        """Samples scored None because the rule failed on them: raised, timed out, or not a finite number."""
+        return self.sample_failures + self.non_finite + self.timed_out_samples
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "failed_samples": self.failed_samples}
 
 
 class RuleTimeout(TimeoutError):
     """A rule call ran past the bound wall-clock timeout."""
+
+
+class RuleFailureError(RuntimeError):
+    """A rule failed on more than its stage's `max_rule_failure_rate` share of the samples it scored."""
 
 
 class _InvalidOutput(TypeError):
@@ -419,15 +502,16 @@ class _InvalidOutput(TypeError):
 
 
 def _as_reward(value: Any) -> float | None:
+    """A rule's output for one sample as a float (NaN and ±inf kept: the caller counts them), None
+    as None; anything else is an invalid output."""
     if value is None:
         return None
     if isinstance(value, (str, bytes)):
-        raise _InvalidOutput(f"reward {value!r} is not a number or None")
+        raise _InvalidOutput(f"reward {value!r:.60} is not a number or None")
     try:
-        number = float(value)  # also numpy and torch scalars
-    except (TypeError, ValueError) as error:
+        return float(value)  # also numpy and torch scalars
+    except (TypeError, ValueError, OverflowError) as error:
         raise _InvalidOutput(f"reward {value!r:.60} is not a number or None") from error
-    return None if math.isnan(number) else number
 
 
 class BoundRule:
@@ -435,13 +519,26 @@ class BoundRule:
 
     ``__name__`` is the name TRL logs the reward under. A call that raises on the batch is retried
     sample by sample; a sample that still raises (or returns something that is not a number) scores
-    None and is counted in ``stats``. With ``timeout_s`` each call runs in a worker thread and gives
-    None for every sample when it runs over (the thread cannot be killed and finishes in the
-    background; the ``code`` rule has its own per-process timeout).
+    None and is counted in ``stats``, and so does a sample scored NaN or ±inf: neither reaches a loss.
+    With ``timeout_s`` each call runs in a worker thread and gives None for every sample when it
+    runs over, each counted as failed (the thread cannot be killed and finishes in the background;
+    the ``code`` rule has its own per-process timeout).
+
+    With ``max_failure_rate``, a call after which more than that share of all the samples the rule
+    has scored failed raises ``RuleFailureError`` (naming the rule and its last error), once at
+    least ``min_samples`` were scored: a rule that is broken stops the stage instead of training on
+    silently, and one unlucky first batch does not.
     """
 
     def __init__(
-        self, fn: RewardFunction, params: Mapping[str, Any], name: str, timeout_s: float | None = None
+        self,
+        fn: RewardFunction,
+        params: Mapping[str, Any],
+        name: str,
+        *,
+        timeout_s: float | None = None,
+        max_failure_rate: float | None = None,
+        min_samples: int = RULE_FAILURE_MIN_SAMPLES,
     ) -> None:
         self.fn = fn
         self.params = dict(params)
@@ -449,6 +546,8 @@ class BoundRule:
         self.__qualname__ = name
         self.__doc__ = getattr(fn, "__doc__", None)
         self.timeout_s = timeout_s
+        self.max_failure_rate = max_failure_rate
+        self.min_samples = min_samples
         self.stats = RuleStats()
         signature = rule_signature(fn)
         # A rule without **kwargs would crash on TRL's extra keywords: hand it only what it declares.
@@ -472,7 +571,7 @@ class BoundRule:
     @property
     def failures(self) -> int:
         """Samples that got None because the rule failed on them (not None the rule chose)."""
-        return self.stats.sample_failures
+        return self.stats.failed_samples
 
     def _kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         merged = {**kwargs, **self.params}  # a recipe parameter wins over a same-named column
@@ -483,6 +582,9 @@ class BoundRule:
     def _invoke(
         self, completions: Sequence[Any], kwargs: dict[str, Any], timeout: float | None
     ) -> list[float | None]:
+        """The rule's rewards for `completions`, each a float (possibly not finite) or None; raises
+        when the call raises, runs over `timeout` or returns something other than one number or None
+        per completion."""
         if timeout is None:
             output = self.fn(completions, **kwargs)
         else:
@@ -502,25 +604,35 @@ class BoundRule:
             if "error" in box:
                 raise box["error"]
             output = box["output"]
-        if (
-            isinstance(output, (str, bytes))
-            or not hasattr(output, "__len__")
-            or len(output) != len(completions)
-        ):
+        try:
+            count = len(output)
+        except Exception:  # no length (a generator, a number) or one that fails
+            count = None
+        if isinstance(output, (str, bytes, Mapping)) or count != len(completions):
             raise _InvalidOutput(
                 f"reward rule {self.__name__!r} returned {type(output).__name__} "
-                f"of length {len(output) if hasattr(output, '__len__') else '?'}, expected {len(completions)} rewards"
+                f"of length {'?' if count is None else count}, expected {len(completions)} rewards"
             )
         return [_as_reward(v) for v in output]
 
-    def _note(self, error: BaseException, what: str) -> None:
+    def _note(self, error: BaseException | str, what: str) -> None:
         with self._lock:
-            self.stats.last_error = f"{type(error).__name__}: {error}"
-            count = self.stats.batch_failures + self.stats.sample_failures + self.stats.timeouts
+            self.stats.last_error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            count = self.stats.batch_failures + self.stats.sample_failures + self.stats.timeouts + self.stats.non_finite
         if count <= 3 or count % 100 == 0:
             logger.warning(
                 "reward rule %r %s: %s (failure %d)", self.__name__, what, self.stats.last_error, count
             )
+
+    def _finite(self, rewards: list[float | None], offset: int = 0) -> tuple[list[float | None], int]:
+        """NaN and ±inf become None, counted as failures: a loss must never see them."""
+        bad = [i for i, r in enumerate(rewards) if r is not None and not math.isfinite(r)]
+        if not bad:
+            return rewards, 0
+        with self._lock:
+            self.stats.non_finite += len(bad)
+        self._note(f"returned {rewards[bad[0]]} for sample {bad[0] + offset}", f"scored {len(bad)} sample(s) NaN or ±inf")
+        return [None if i in bad else r for i, r in enumerate(rewards)], len(bad)
 
     def __call__(self, completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         n = len(completions)
@@ -531,10 +643,11 @@ class BoundRule:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         failed = 0
         try:
-            rewards = self._invoke(completions, call_kwargs, self.timeout_s)
+            rewards, failed = self._finite(self._invoke(completions, call_kwargs, self.timeout_s))
         except RuleTimeout as error:
             with self._lock:
                 self.stats.timeouts += 1
+                self.stats.timed_out_samples += n  # every sample the cut-off call would have scored
             self._note(error, "timed out on the batch")
             rewards, failed = [None] * n, n
         except Exception as error:
@@ -550,7 +663,21 @@ class BoundRule:
             # TRL averages these per logging step; logged only for calls that had failures.
             with contextlib.suppress(Exception):  # logging must never break training
                 log_metric(f"reward_errors/{self.__name__}", failed / n)
+        self._judge()
         return rewards
+
+    def _judge(self) -> None:
+        """Stop the stage when the rule fails on too many of its samples (see the class docstring)."""
+        limit = self.max_failure_rate
+        stats = self.stats
+        if limit is None or stats.samples < self.min_samples or stats.failed_samples <= limit * stats.samples:
+            return
+        raise RuleFailureError(
+            f"reward rule '{self.__name__}' failed on {stats.failed_samples} of the {stats.samples} samples it scored "
+            f"({stats.failed_samples / stats.samples:.0%}, more than max_rule_failure_rate {limit:g}); last error: "
+            f"{stats.last_error}. Fix the rule (it should return a number or None for every completion), or raise "
+            "the stage's max_rule_failure_rate (1 never stops)"
+        )
 
     def _per_sample(
         self, completions: Sequence[Any], kwargs: Mapping[str, Any], deadline: float | None
@@ -568,10 +695,13 @@ class BoundRule:
             try:
                 if remaining is not None and remaining <= 0:
                     raise RuleTimeout(f"reward rule {self.__name__!r} ran out of time retrying samples")
-                rewards.append(self._invoke([completions[i]], self._kwargs(sliced), remaining)[0])
+                reward, bad = self._finite(self._invoke([completions[i]], self._kwargs(sliced), remaining), offset=i)
+                rewards.append(reward[0])
+                failed += bad
             except RuleTimeout as error:
                 with self._lock:
                     self.stats.timeouts += 1
+                    self.stats.timed_out_samples += 1
                 self._note(error, f"timed out on sample {i}")
                 rewards.append(None)
                 failed += 1
@@ -585,16 +715,16 @@ class BoundRule:
         return rewards, failed
 
 
-def bind_rule(
-    fn: RewardFunction, params: Mapping[str, Any], name: str, *, timeout_s: float | None = None
-) -> BoundRule:
+def bind_rule(fn: RewardFunction, params: Mapping[str, Any], name: str, **limits: Any) -> BoundRule:
     """Bind recipe ``params`` to ``fn`` and return a safe TRL reward function named ``name``.
 
     See ``BoundRule``: per-sample fallback when the batch call raises, None (and a count in
-    ``.stats`` / ``.failures``) for samples that fail, optional wall-clock ``timeout_s`` per call.
-    Parameters are not checked here; run ``check_rule_params`` first.
+    ``.stats`` / ``.failures``) for samples that fail or score NaN/±inf; ``limits`` are its
+    keywords: a wall-clock ``timeout_s`` per call, and a stop (``RuleFailureError``) past
+    ``max_failure_rate`` once ``min_samples`` were scored. Parameters are not checked here; run
+    ``check_rule_params`` first.
     """
-    return BoundRule(fn, params, name, timeout_s)
+    return BoundRule(fn, params, name, **limits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,24 +792,31 @@ class RewardModelReward:
         self.batch_size = batch_size
         self.max_length = max_length
         self.__name__ = REWARD_MODEL
-        self.failures = 0  # a model either scores or raises: it has no per-sample failures
+        self.failures = 0  # samples the model scored NaN or ±inf (scored None instead)
 
     @classmethod
-    def load(cls, spec: ModelSpec, *, batch_size: int = 32) -> RewardModelReward:
-        """Load onto this process's device, frozen, with a right-padding tokenizer."""
+    def load(cls, spec: ModelSpec, *, batch_size: int = 32, precision: Precision | None = None,
+             seed: int = 0) -> RewardModelReward:  # fmt: skip
+        """Load onto this process's device, frozen (in the compute dtype), with a right-padding tokenizer."""
         from align.models import device, load_sequence_classifier, load_tokenizer
 
-        model = load_sequence_classifier(spec).requires_grad_(False).eval().to(device())
+        model = load_sequence_classifier(spec, precision=precision, seed=seed).requires_grad_(False).eval().to(device())
         return cls(model, load_tokenizer(spec, padding_side="right"), batch_size=batch_size)
 
-    def __call__(self, completions: Sequence[Any], *, prompts: Sequence[Any] | None = None, **kwargs: Any) -> list[float]:
+    def __call__(self, completions: Sequence[Any], *, prompts: Sequence[Any] | None = None,
+                 **kwargs: Any) -> list[float | None]:  # fmt: skip
         from align.data import message_text
 
         if prompts is None:
             raise ValueError("a reward model scores prompt + completion, so it needs `prompts`")
         texts = [message_text(c) for c in completions]
-        return score_with_reward_model(self.model, self.tokenizer, list(prompts), texts, batch_size=self.batch_size,
-                                       max_length=self.max_length)  # fmt: skip
+        scores = score_with_reward_model(self.model, self.tokenizer, list(prompts), texts, batch_size=self.batch_size,
+                                         max_length=self.max_length)  # fmt: skip
+        finite: list[float | None] = [s if math.isfinite(s) else None for s in scores]
+        if None in finite:  # a model with broken weights: its NaN/inf must not reach a loss either
+            self.failures += finite.count(None)
+            logger.warning("reward model scored %d of %d samples NaN or ±inf (scored None)", finite.count(None), len(scores))
+        return finite
 
 
 @dataclass(frozen=True)
@@ -716,14 +853,21 @@ class Scorer:
         *,
         base_dir: Path | None = None,
         reward_model_batch_size: int = 32,
+        precision: Precision | None = None,
+        seed: int = 0,
+        max_rule_failure_rate: float | None = None,
+        rule_failure_min_samples: int = RULE_FAILURE_MIN_SAMPLES,
     ) -> Scorer:
+        """The terms of a stage: its rules (each stopping the stage past `max_rule_failure_rate`, see
+        `BoundRule`) and its reward model."""
         terms = [
             RewardTerm(spec.display_name, spec.weight,
-                       bind_rule(resolve_rule(spec.rule, base_dir), spec.params, spec.display_name, timeout_s=spec.timeout_s))
+                       bind_rule(resolve_rule(spec.rule, base_dir), spec.params, spec.display_name, timeout_s=spec.timeout_s,
+                                 max_failure_rate=max_rule_failure_rate, min_samples=rule_failure_min_samples))
             for spec in rewards
         ]  # fmt: skip
         if reward_model is not None:
-            model = RewardModelReward.load(reward_model, batch_size=reward_model_batch_size)
+            model = RewardModelReward.load(reward_model, batch_size=reward_model_batch_size, precision=precision, seed=seed)
             terms.append(RewardTerm(REWARD_MODEL, reward_model_weight, model))
         return cls(terms)
 
@@ -760,10 +904,46 @@ class Scorer:
     def last_errors(self) -> dict[str, str]:
         return {t.name: t.fn.stats.last_error for t in self.terms if isinstance(t.fn, BoundRule) and t.fn.stats.last_error}
 
+    def failure_metrics(self, stage: str, earlier: Mapping[str, int] | None = None) -> dict[str, int]:
+        """`<name>_failures` for every term, for the stage's metrics (plus `earlier`: the counts of the
+        attempts a resumed stage continues); a warning names each term that failed and its last error."""
+        last_errors = self.last_errors()
+        metrics: dict[str, int] = {}
+        for name, failures in self.failures().items():
+            failures += (earlier or {}).get(name, 0)
+            metrics[f"{name}_failures"] = failures
+            if failures:
+                logger.warning("%s: %s scored None on %d samples because it failed (%s)", stage, name, failures,
+                               last_errors.get(name, "NaN or ±inf scores"))  # fmt: skip
+        return metrics
+
 
 def weighted_total(scores: Mapping[str, float | None], weights: Mapping[str, float]) -> float:
-    """Σ weight·score over the terms that scored (None adds nothing, as in GRPO's weighted sum)."""
-    return sum(weights.get(name, 0.0) * value for name, value in scores.items() if value is not None)
+    """Σ weight·score over the terms that scored (None, and anything not finite, adds nothing, as in
+    GRPO's weighted sum)."""
+    return sum(weights.get(name, 0.0) * value for name, value in scores.items()
+               if value is not None and math.isfinite(value))  # fmt: skip
+
+
+def reward_columns(rewards: Sequence[RewardSpec], base_dir: Path | None) -> dict[str, str]:
+    """Dataset columns the rules read, column → why (rules that do not resolve are left out)."""
+    needed: dict[str, str] = {}
+    for spec in rewards:
+        try:
+            fn = resolve_rule(spec.rule, base_dir)
+        except RuleResolutionError:
+            continue
+        for column in rule_signature(fn).columns:
+            needed.setdefault(column, f"reward rule '{spec.rule}' reads it")
+    return needed
+
+
+def prompt_needs(rewards: Sequence[RewardSpec], base_dir: Path | None) -> Needs:
+    """What a stage that samples from prompts and scores with `rewards` needs of every row: the
+    prompt, and each column a rule reads (see `align.data.Needs`)."""
+    from align.data import PROMPT_NEEDS, column_kinds
+
+    return PROMPT_NEEDS.plus(column_kinds(reward_columns(rewards, base_dir)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -18,9 +19,11 @@ import yaml
 
 import align
 from align import artifacts as art
+from align.console import describe_progress, read_progress
 from align.execute import rank_errors, write_stage_config
 from align.launch import launch_stage
 from align.paths import absolute_if_local, absolute_rule, resolve_user_path
+from align.preempt import Interrupted, signal_name, stop_on_signals, stop_requested
 from align.recipe.schema import (
     REFERENCE,
     REFERENCE_ANYWHERE,
@@ -31,6 +34,7 @@ from align.recipe.schema import (
     walk_specs,
 )
 from align.recipe.validate import Recipe
+from align.report import at_k_keys, library_versions, write_report
 
 logger = logging.getLogger("align")
 
@@ -52,7 +56,8 @@ class PlannedStage:
 
 
 def effective_config(recipe: Recipe, stage: StageConfig) -> StageConfig:
-    """The stage with recipe-level defaults (model, seed, launcher) filled in."""
+    """The stage with recipe-level defaults (model, seed, launcher, and `report_to` for stages that
+    train) filled in."""
     updates: dict[str, Any] = {}
     if stage.model is None:
         updates["model"] = recipe.header.model
@@ -60,6 +65,8 @@ def effective_config(recipe: Recipe, stage: StageConfig) -> StageConfig:
         updates["seed"] = recipe.header.seed
     if stage.launcher is None:
         updates["launcher"] = recipe.header.launcher
+    if "report_to" in type(stage).model_fields and getattr(stage, "report_to", None) is None:
+        updates["report_to"] = recipe.header.report_to
     return stage.model_copy(update=updates)
 
 
@@ -109,10 +116,11 @@ def _digest_path(path: Path, digest: Any) -> None:
 
 
 def fingerprint(config: StageConfig, inputs: dict[str, str], base_dir: Path) -> str:
-    """Hash of what decides a stage's result: its effective config (the launcher aside), the
-    fingerprints of the stages it reads from (`inputs`: name → fingerprint), the local files it
-    reads, and align's version. A stage no one reads from can change without re-running others."""
-    dumped = config.model_dump(mode="json", exclude={"launcher"})
+    """Hash of what decides a stage's result: its effective config (the launcher and the trackers
+    aside: neither changes what is trained), the fingerprints of the stages it reads from (`inputs`:
+    name → fingerprint), the local files it reads, and align's version. A stage no one reads from
+    can change without re-running others."""
+    dumped = config.model_dump(mode="json", exclude={"launcher", "report_to"})
     digest = hashlib.sha256(json.dumps(dumped, sort_keys=True).encode())
     digest.update(json.dumps(sorted(inputs.items())).encode())
     digest.update(align.__version__.encode())
@@ -121,10 +129,14 @@ def fingerprint(config: StageConfig, inputs: dict[str, str], base_dir: Path) -> 
     return digest.hexdigest()[:16]
 
 
-def plan(recipe: Recipe, run_dir: Path) -> list[PlannedStage]:
+_READ = object()
+
+
+def plan(recipe: Recipe, run_dir: Path, manifest: Any = _READ) -> list[PlannedStage]:
     """What runs and why: a stage runs when it never finished, when its fingerprint changed, or when
-    a stage it reads from runs again."""
-    manifest = art.Manifest.read(run_dir)
+    a stage it reads from runs again. `manifest`: the run dir's, read here unless given."""
+    if manifest is _READ:
+        manifest = art.Manifest.read(run_dir)
     records = {s.name: s for s in manifest.stages} if manifest else {}
     planned: dict[str, PlannedStage] = {}
     for stage in recipe.stages:
@@ -207,57 +219,116 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(path.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()[-lines:])
 
 
-def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print) -> art.Manifest:
-    """Run every stage that needs it, in order. Stops at the first failure (the manifest says which;
-    `StageFailed` is raised after the failure was reported)."""
+def load_manifest(recipe: Recipe, run_dir: Path, report: Reporter = print) -> art.Manifest | None:
+    """The run dir's manifest; a corrupted one is moved aside and rebuilt from the finished stage
+    folders (each result.json describes its stage), and the user is told."""
+    try:
+        return art.Manifest.read(run_dir)
+    except art.ManifestError as err:
+        aside = run_dir / f"{art.MANIFEST}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(run_dir / art.MANIFEST, aside)
+        manifest = art.rebuild_manifest(run_dir, recipe.name, recipe.source, [(s.name, s.type) for s in recipe.stages])
+        manifest.write(run_dir)
+        kept = sum(s.status == art.COMPLETE for s in manifest.stages)
+        report(f"[align] {err}: moved it to {aside.name} and rebuilt it from the finished stage folders "
+               f"({kept} of {len(manifest.stages)} stages complete)")
+        return manifest
+
+
+def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print, command: str | None = None) -> art.Manifest:
+    """Run every stage that needs it, in order, holding the run dir's lock (a second `align run` on it
+    is refused). Stops at the first failure (`StageFailed`, after the failure was reported) or when
+    a signal interrupts a stage (`Interrupted`: it checkpointed; running again resumes it). However
+    it ends, the run report (report.html, report.md and its plots) is written into `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    planned = plan(recipe, run_dir)
+    with art.RunLock(run_dir), stop_on_signals():
+        return _run(recipe, run_dir, report, command)
+
+
+def _run(recipe: Recipe, run_dir: Path, report: Reporter, command: str | None) -> art.Manifest:
+    old = load_manifest(recipe, run_dir, report)
+    planned = plan(recipe, run_dir, old)
     art.write_text_atomic(run_dir / art.RESOLVED_RECIPE, yaml.safe_dump(recipe.data, sort_keys=False))
-    old = art.Manifest.read(run_dir)
     old_records = {s.name: s for s in old.stages} if old else {}
     manifest = art.Manifest(recipe.name, recipe.source, [])
+    manifest.run = {"command": command, "started": time.time(), "ended": None, "versions": library_versions()}
     for item in planned:
         kept = old_records.get(item.config.name)
         manifest.stages.append(kept if (kept and not item.run) else art.StageRecord(item.config.name, item.config.type))
     manifest.write(run_dir)
-
-    for item in planned:
-        name = item.config.name
-        record = manifest.record(name)
-        if not item.run:
-            report(f"[align] skip  {name} ({item.config.type}): {item.reason}")
-            continue
-        report(f"[align] run   {name} ({item.config.type}): {item.reason}")
-        scratch = art.scratch_dir(run_dir, name)
-        shutil.rmtree(scratch, ignore_errors=True)
-        record.status, record.fingerprint, record.started = art.RUNNING, item.fingerprint, time.time()
-        record.ended = record.duration_s = record.error = None
-        record.metrics, record.artifacts = {}, {}
+    try:
+        for item in planned:
+            name = item.config.name
+            if not item.run:
+                report(f"[align] skip  {name} ({item.config.type}): {item.reason}")
+                continue
+            if stop_requested():
+                raise Interrupted(f"stopped by {signal_name()} before stage '{name}' started")
+            _run_stage(item, manifest, old_records.get(name), recipe, run_dir, report)
+    finally:
+        manifest.run["ended"] = time.time()
         manifest.write(run_dir)
         try:
-            write_stage_config(scratch, prepared_config(item.config, manifest, run_dir, recipe.base_dir), recipe.base_dir)
-            launch_stage(item.config.launcher or LauncherSpec(), scratch, recipe.base_dir)
-            final = art.publish(run_dir, name)
-        except BaseException as err:
-            record.status, record.ended = art.FAILED, time.time()
-            record.duration_s = round(record.ended - (record.started or record.ended), 2)
-            record.error = "; ".join(rank_errors(scratch)) or f"{type(err).__name__}: {err}"
-            manifest.write(run_dir)
-            if isinstance(err, KeyboardInterrupt | SystemExit):
-                raise
-            report(f"[align] FAILED {name}: {record.error}")
-            if tail := _log_tail(scratch / art.LOG):
-                report(tail)
-            report(f"[align] full log: {scratch / art.LOG}")
-            raise StageFailed(f"stage '{name}' failed: {record.error}") from err
-        result = json.loads((final / art.RESULT).read_text(encoding="utf-8"))
-        record.status, record.ended = art.COMPLETE, time.time()
-        record.duration_s = round(record.ended - (record.started or record.ended), 2)
-        record.metrics = result.get("metrics", {})
-        record.artifacts = {k: f"{name}/{v}" for k, v in result.get("artifacts", {}).items()}
-        manifest.write(run_dir)
-        report(f"[align] done  {name} in {record.duration_s:.1f}s {_short_metrics(record.metrics)}")
+            html, _ = write_report(run_dir)
+            report(f"[align] report: {html}")
+        except Exception as err:  # a report that cannot be drawn must not hide how the run itself ended
+            logger.warning("align: could not write the run report: %s: %s", type(err).__name__, err)
     return manifest
+
+
+def _run_stage(item: PlannedStage, manifest: art.Manifest, previous: art.StageRecord | None, recipe: Recipe,
+               run_dir: Path, report: Reporter) -> None:  # fmt: skip
+    name = item.config.name
+    scratch = art.scratch_dir(run_dir, name)
+    # An unfinished attempt (running when killed, failed, interrupted) is resumed from its scratch
+    # folder when it ran this very config; the folder's own stage_config.json says which it ran.
+    attempted = art.scratch_fingerprint(scratch) if scratch.exists() else None
+    resuming = attempted == item.fingerprint and (previous is None or previous.status != art.COMPLETE)
+    if resuming:
+        report(f"[align] run   {name} ({item.config.type}): {item.reason}; resuming its unfinished attempt")
+    else:
+        report(f"[align] run   {name} ({item.config.type}): {item.reason}")
+        if scratch.exists():
+            if attempted is not None:
+                report(f"[align]       its unfinished attempt ran another config: discarding {scratch.name}")
+            shutil.rmtree(scratch, ignore_errors=True)
+    record = manifest.record(name)
+    record.status, record.fingerprint, record.started = art.RUNNING, item.fingerprint, time.time()
+    record.ended = record.duration_s = record.error = None
+    record.metrics, record.artifacts = {}, {}
+    record.world_size = record.device = None
+    manifest.write(run_dir)
+    try:
+        write_stage_config(scratch, prepared_config(item.config, manifest, run_dir, recipe.base_dir), recipe.base_dir,
+                           item.fingerprint)
+        launch_stage(item.config.launcher or LauncherSpec(), scratch, recipe.base_dir)
+        final = art.publish(run_dir, name)
+    except BaseException as err:
+        record.ended = time.time()
+        record.duration_s = round(record.ended - (record.started or record.ended), 2)
+        if isinstance(err, Interrupted):
+            record.status, record.error = art.INTERRUPTED, str(err)
+            manifest.write(run_dir)
+            report(f"[align] interrupted {name}: {err}; run the same command again to resume it")
+            raise
+        record.status = art.FAILED
+        record.error = "; ".join(rank_errors(scratch)) or f"{type(err).__name__}: {err}"
+        manifest.write(run_dir)
+        if isinstance(err, KeyboardInterrupt | SystemExit):
+            raise
+        report(f"[align] FAILED {name}: {record.error}")
+        if tail := _log_tail(scratch / art.LOG):
+            report(tail)
+        report(f"[align] full log: {scratch / art.LOG}")
+        raise StageFailed(f"stage '{name}' failed: {record.error}") from err
+    result = json.loads((final / art.RESULT).read_text(encoding="utf-8"))
+    record.status, record.ended = art.COMPLETE, time.time()
+    record.duration_s = round(record.ended - (record.started or record.ended), 2)
+    record.metrics = result.get("metrics", {})
+    record.artifacts = {k: f"{name}/{v}" for k, v in result.get("artifacts", {}).items()}
+    record.world_size, record.device = result.get("world_size"), result.get("device")
+    manifest.write(run_dir)
+    report(f"[align] done  {name} in {record.duration_s:.1f}s {_short_metrics(record.metrics)}")
 
 
 def _short_metrics(metrics: dict[str, Any]) -> str:
@@ -281,7 +352,7 @@ def accuracy_table(manifest: art.Manifest) -> str:
     rows = [(s.name, s.metrics) for s in manifest.stages if "accuracy" in s.metrics]
     if not rows:
         return ""
-    keys = ["accuracy", "exact_match", *sorted({k for _, m in rows for k in m if k.startswith("pass@")}), "format", "mean_length"]
+    keys = ["accuracy", "exact_match", *at_k_keys(m for _, m in rows), "format", "mean_length"]
     header = ["eval stage", *keys]
     table = [header] + [[name, *(f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m.get(k, "-")) for k in keys)]
                         for name, m in rows]
@@ -289,6 +360,26 @@ def accuracy_table(manifest: art.Manifest) -> str:
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)) for r in table]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def progress_lines(run_dir: Path, manifest: art.Manifest) -> list[str]:
+    """One line per running stage: its progress and ETA from its scratch folder's progress.json, or
+    the last step its metrics.jsonl reached when it has written no progress yet."""
+    lines = []
+    for record in manifest.stages:
+        if record.status != art.RUNNING:
+            continue
+        scratch = art.scratch_dir(run_dir, record.name)
+        progress = read_progress(scratch)
+        if progress is not None:
+            lines.append(f"{record.name}: {describe_progress(progress)}")
+            continue
+        try:
+            steps = [row["step"] for row in art.read_metrics(scratch / art.METRICS)]
+        except ValueError:  # a line being written right now
+            steps = []
+        lines.append(f"{record.name}: " + (f"step {max(steps)} logged" if steps else "started, no progress logged yet"))
+    return lines
 
 
 def render_report(manifest: art.Manifest) -> str:

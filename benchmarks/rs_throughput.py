@@ -35,15 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from align.embedded import make_task_dataset  # noqa: E402
-from align.generation import eos_token_ids, generate, render_prompt  # noqa: E402
-from align.models import load_causal_lm, load_tokenizer  # noqa: E402
+from align.generation import generate, render_prompt  # noqa: E402
+from align.models import load_causal_lm, load_tokenizer, stop_token_ids  # noqa: E402
 from align.recipe.schema import ModelSpec  # noqa: E402
 
 
 def naive(model: Any, tokenizer: Any, prompts: list[Any], n: int, max_new_tokens: int, temperature: float,
           top_p: float) -> int:  # fmt: skip
     """One `generate` call per prompt; returns the number of samples drawn."""
-    eos = eos_token_ids(model, tokenizer)
+    eos = stop_token_ids(model, tokenizer)
     drawn = 0
     with torch.no_grad():
         for prompt in prompts:

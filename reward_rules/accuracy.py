@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from ._params import checks
 from ._text import Completion, completion_texts, last_braced_command, normalize_fullwidth, tag_block
 
-__all__ = ["UnparseableGoldWarning", "Gold", "accuracy", "correctness", "extract_answer", "parse_gold"]
+__all__ = ["UnparseableGoldWarning", "Gold", "accuracy", "correctness", "extract_answer", "majority_vote", "parse_gold"]
 
 
 class UnparseableGoldWarning(UserWarning):
@@ -186,6 +187,59 @@ def is_correct(
         return False
 
 
+def majority_vote(
+    texts: Sequence[str], *, answer_tag: str = "answer", percent_as_fraction: bool = False
+) -> int | None:
+    """Index of the sample whose answer wins a majority vote over `texts`, or None when none gives an
+    answer (self-consistency; R1's cons@64).
+
+    Answers (``extract_answer``) are grouped by equivalence: identical strings, or math-verify
+    ``verify(first member, answer)`` — the first answer seen is each group's representative, as the
+    gold is for the accuracy rule (``verify`` is not symmetric). Samples without an answer do not
+    vote. The biggest group wins; a tie goes to the group whose first member came first, so the
+    result depends only on the samples and their order. The winner is that group's first member."""
+    groups: list[_Group] = []
+    parsed: dict[str, list[Any]] = {}
+
+    def parse(answer: str) -> list[Any]:
+        if answer not in parsed:
+            parsed[answer] = parse_math(answer, percent_as_fraction)
+        return parsed[answer]
+
+    def same(representative: str, answer: str) -> bool:
+        if representative == answer:
+            return True
+        left, right = parse(representative), parse(answer)
+        if not left or not right:
+            return False
+        try:
+            return bool(_math_verify()[1](left, right, timeout_seconds=_timeout()))
+        except Exception:
+            return False
+
+    for index, text in enumerate(texts):
+        answer = (extract_answer(text, answer_tag) or "").strip()
+        if not answer:
+            continue
+        group = next((g for g in groups if same(g.answer, answer)), None)
+        if group is None:
+            groups.append(_Group(index, answer))
+        else:
+            group.votes += 1
+    if not groups:
+        return None
+    return max(groups, key=lambda g: (g.votes, -g.first)).first
+
+
+@dataclass
+class _Group:
+    """Answers of one majority-vote group: the first one's index and text, and how many there are."""
+
+    first: int
+    answer: str
+    votes: int = 1
+
+
 def correctness(
     completions: Sequence[Completion],
     solution: Sequence[Any],
@@ -214,6 +268,7 @@ def correctness(
     return results
 
 
+@checks()
 def accuracy(
     completions: Sequence[Completion],
     solution: Sequence[Any],

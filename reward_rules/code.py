@@ -1,4 +1,5 @@
-"""Code rule: run the completion's last ```python block against test cases in a sandbox."""
+"""Code rules: run the completion's last ```python block against test cases in a sandbox (`code`), and
+check that the answer is a fenced block of the expected language (`code_format`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
+from annotated_types import Ge, Gt, Interval
+
+from ._params import checks
 from ._sandbox import run_python
-from ._text import Completion, completion_texts
+from ._text import Completion, completion_texts, tag_block
+from .format import is_well_formed
 
-__all__ = ["TestCase", "UnusableTestCasesWarning", "code", "extract_code", "parse_test_cases"]
+__all__ = ["TestCase", "UnusableTestCasesWarning", "code", "code_format", "extract_code", "parse_test_cases"]
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -114,14 +119,17 @@ def _pass_fraction(
     return passed / len(cases)
 
 
+@checks()
 def code(
     completions: Sequence[Completion],
     test_cases: Sequence[Any],
     *,
-    timeout_s: float = 2.0,
-    memory_mb: int = 512,
+    timeout_s: Annotated[float, Gt(0)] = 2.0,
+    memory_mb: Annotated[int, Ge(16)] = 512,
     skip_after_timeout: bool = True,
-    max_workers: int = 1,
+    max_workers: Annotated[int, Ge(1)] = 1,
+    binary: bool = False,
+    binary_threshold: Annotated[float, Interval(ge=0.0, lt=1.0)] = 0.99,
     **kwargs: Any,
 ) -> list[float | None]:
     """Fraction of test cases passed by the completion's last ```python block, run in a sandbox.
@@ -135,7 +143,9 @@ def code(
     After a case times out, the remaining cases of that completion are not run and count as failed
     (``skip_after_timeout``). No python block → 0.0. ``test_cases``: see ``parse_test_cases``;
     unusable test cases → None and an ``UnusableTestCasesWarning`` naming the sample index.
-    ``max_workers`` completions are checked in parallel.
+    ``max_workers`` completions are checked in parallel. With ``binary`` the score is 1.0 when the
+    fraction passed exceeds ``binary_threshold`` (0.99: all of them, as open-r1's ``binary_code``)
+    and 0.0 otherwise; None stays None.
     """
     texts = completion_texts(completions)
     if len(test_cases) != len(texts):
@@ -156,11 +166,65 @@ def code(
         source = extract_code(texts[index])
         if source is None:
             return 0.0
-        return _pass_fraction(
+        passed = _pass_fraction(
             source, cases, timeout_s=timeout_s, memory_mb=memory_mb, skip_after_timeout=skip_after_timeout
         )
+        return float(passed > binary_threshold) if binary else passed
 
     if max_workers <= 1 or len(texts) <= 1:
         return [score(i) for i in range(len(texts))]
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         return list(pool.map(score, range(len(texts))))
+
+
+#: Info strings that name a language's fenced blocks (case-insensitive); other languages name themselves.
+LANGUAGE_ALIASES: dict[str, tuple[str, ...]] = {
+    "python": ("python", "python3", "py"),
+    "javascript": ("javascript", "js"),
+    "typescript": ("typescript", "ts"),
+    "cpp": ("cpp", "c++"),
+    "bash": ("bash", "sh", "shell"),
+}
+
+
+def _canonical_language(name: str) -> str:
+    name = name.lower()
+    return next((lang for lang, names in LANGUAGE_ALIASES.items() if name in names), name)
+
+
+def _fenced_languages(text: str) -> list[str]:
+    """Info-string words of the complete fenced blocks in ``text``, lower-cased ("" when unlabelled)."""
+    return [m.lower() for m in re.findall(r"```[ \t]*([^\s`]*)[^\n]*\n.*?```", text, flags=re.DOTALL)]
+
+
+@checks()
+def code_format(
+    completions: Sequence[Completion],
+    *,
+    language: str | Sequence[str] = "python",
+    think_tag: str = "think",
+    answer_tag: str = "answer",
+    prefilled_think: bool = False,
+    **kwargs: Any,
+) -> list[float]:
+    """Code answer format: 1.0 if the completion has the strict R1 format and its answer holds a fenced code block of ``language``, else 0.0.
+
+    The format is the ``format`` rule's (exactly one ``<think>…</think>`` then one
+    ``<answer>…</answer>``, only whitespace around them; ``prefilled_think`` and the tag names as
+    there). Inside the answer there must be a complete fenced block whose info string names the
+    language (```` ```python ````; also ``py``/``python3``, ``js`` for javascript, ``c++`` for cpp,
+    ``sh``/``shell`` for bash; case-insensitive); blocks inside the think part do not count.
+    ``language`` may also be a dataset column of one language per sample (open-r1's mixed-language
+    training), which TRL passes as a list.
+    """
+    texts = completion_texts(completions)
+    languages = [language] * len(texts) if isinstance(language, str) else list(language)
+    if len(languages) != len(texts):
+        raise ValueError(f"code_format: language lists {len(languages)} languages for {len(texts)} completions; "
+                         "give one language, or one per completion (a dataset column)")
+    rewards = []
+    for text, wanted in zip(texts, languages, strict=True):
+        answer = tag_block(text, answer_tag) if is_well_formed(text, think_tag, answer_tag, prefilled_think) else None
+        found = {_canonical_language(name) for name in _fenced_languages(answer)} if answer is not None else set()
+        rewards.append(float(_canonical_language(wanted) in found))
+    return rewards

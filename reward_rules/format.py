@@ -6,16 +6,18 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from ._params import checks
 from ._text import Completion, completion_texts
 
-__all__ = ["format_reward", "tag_count"]
+__all__ = ["format_reward", "is_well_formed", "tag_count"]
 
 
 def _tags(think_tag: str, answer_tag: str) -> tuple[str, str, str, str]:
     return f"<{think_tag}>", f"</{think_tag}>", f"<{answer_tag}>", f"</{answer_tag}>"
 
 
-def _is_well_formed(text: str, think_tag: str, answer_tag: str, prefilled_think: bool) -> bool:
+def is_well_formed(text: str, think_tag: str, answer_tag: str, prefilled_think: bool) -> bool:
+    """The strict R1 format (see ``format_reward``)."""
     open_think, close_think, open_answer, close_answer = _tags(think_tag, answer_tag)
     # Counting every tag first is what rejects duplicated and nested blocks: a lazy regex alone
     # happily matches "<think>a<think>b</think>" or two answer blocks.
@@ -37,6 +39,11 @@ def _is_well_formed(text: str, think_tag: str, answer_tag: str, prefilled_think:
     return bool(match) and bool(match.group("answer").strip())
 
 
+def _distinct_tags(think_tag: str, answer_tag: str) -> str | None:
+    return None if think_tag != answer_tag else f"think_tag and answer_tag are both {think_tag!r}; they must differ"
+
+
+@checks(_distinct_tags)
 def format_reward(
     completions: Sequence[Completion],
     *,
@@ -54,7 +61,7 @@ def format_reward(
     Tag names are configurable (``think_tag``, ``answer_tag``, written without angle brackets).
     """
     return [
-        float(_is_well_formed(text, think_tag, answer_tag, prefilled_think))
+        float(is_well_formed(text, think_tag, answer_tag, prefilled_think))
         for text in completion_texts(completions)
     ]
 
@@ -81,6 +88,7 @@ def _tag_credit(text: str, think_tag: str, answer_tag: str, prefilled_think: boo
     return credit
 
 
+@checks(_distinct_tags)
 def tag_count(
     completions: Sequence[Completion],
     *,

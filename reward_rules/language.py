@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, Literal
 
+from ._params import checks
 from ._text import Completion, completion_texts, tag_block
 
 __all__ = ["LANGUAGES", "language_consistency", "script_counts"]
@@ -69,6 +70,7 @@ def script_counts(text: str) -> dict[str, int]:
     return counts
 
 
+@checks()
 def language_consistency(
     completions: Sequence[Completion],
     *,
@@ -85,9 +87,7 @@ def language_consistency(
     "latin", "zh"/"cjk", "ja", "ko", "ru"/"cyrillic", …); "ja" accepts kana and kanji, "ko" hangul
     and hanja. A chain of thought with no letters at all (only digits and symbols) gives None.
     """
-    targets = LANGUAGES.get(language)
-    if targets is None:
-        raise ValueError(f"language_consistency: unknown language {language!r}; known: {sorted(LANGUAGES)}")
+    targets = LANGUAGES[language]
     rewards: list[float | None] = []
     for text in completion_texts(completions):
         block = tag_block(text, think_tag)

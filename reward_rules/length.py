@@ -12,14 +12,18 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
+from annotated_types import Gt
+
+from ._params import checks
 from ._text import Completion, completion_texts, lengths, prompt_key
 from .accuracy import correctness
 
 __all__ = ["cosine", "length", "soft_overlong"]
 
 
+@checks()
 def cosine(
     completions: Sequence[Completion],
     solution: Sequence[Any],
@@ -28,7 +32,7 @@ def cosine(
     max_value_wrong: float = -0.5,
     min_value_correct: float = 0.5,
     max_value_correct: float = 1.0,
-    max_len: int = 1000,
+    max_len: Annotated[int, Gt(0)] = 1000,
     answer_tag: str = "answer",
     percent_as_fraction: bool = False,
     **kwargs: Any,
@@ -44,8 +48,6 @@ def cosine(
     values keep every correct answer above every wrong one (min_value_correct > max_value_wrong).
     Correctness is the ``accuracy`` rule's check; a gold that cannot be parsed gives None.
     """
-    if max_len <= 0:
-        raise ValueError(f"cosine: max_len must be positive, got {max_len}")
     texts = completion_texts(completions)
     correct = correctness(
         completions, solution, answer_tag=answer_tag, percent_as_fraction=percent_as_fraction, rule="cosine"
@@ -65,6 +67,7 @@ def cosine(
     return rewards
 
 
+@checks()
 def length(
     completions: Sequence[Completion],
     solution: Sequence[Any],
@@ -93,7 +96,7 @@ def length(
     if group_by_prompt and prompts is not None and len(prompts) == len(texts):
         for i, prompt in enumerate(prompts):
             groups[prompt_key(prompt)].append(i)
-    else:
+    elif texts:
         groups[""] = list(range(len(texts)))
 
     rewards: list[float | None] = [None] * len(texts)
@@ -112,24 +115,27 @@ def length(
     return rewards
 
 
+def _buffer_inside_the_limit(overlong_buffer: int, max_completion_length: int) -> str | None:
+    if overlong_buffer >= max_completion_length:
+        return (f"overlong_buffer ({overlong_buffer}) must be less than max_completion_length "
+                f"({max_completion_length}): the penalty starts max_completion_length − overlong_buffer tokens in")
+    return None
+
+
+@checks(_buffer_inside_the_limit)
 def soft_overlong(
     completions: Sequence[Completion],
     *,
-    max_completion_length: int = 512,
-    overlong_buffer: int = 128,
+    max_completion_length: Annotated[int, Gt(0)] = 512,
+    overlong_buffer: Annotated[int, Gt(0)] = 128,
     **kwargs: Any,
 ) -> list[float]:
     """DAPO soft overlong punishment: 0 up to max_completion_length - overlong_buffer, then linear to -1.
 
-    With L = max_completion_length and B = overlong_buffer: len <= L - B → 0.0; L - B < len <= L →
-    (L - B - len) / B; len > L → -1.0. Set L to the trainer's ``max_completion_length`` (TRL
+    With L = max_completion_length and B = overlong_buffer (0 < B < L): len <= L - B → 0.0;
+    L - B < len <= L → (L - B - len) / B; len > L → -1.0. Set L to the trainer's ``max_completion_length`` (TRL
     default 512). Length in tokens from ``completion_ids`` when given, else characters.
     """
-    if not 0 < overlong_buffer <= max_completion_length:
-        raise ValueError(
-            "soft_overlong: need 0 < overlong_buffer <= max_completion_length, got "
-            f"{overlong_buffer} and {max_completion_length}"
-        )
     threshold = max_completion_length - overlong_buffer
     rewards = []
     for n in lengths(completion_texts(completions), kwargs.get("completion_ids")):

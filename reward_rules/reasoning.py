@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
+from annotated_types import Ge
+
+from ._params import checks
 from ._text import Completion, completion_texts
 
 __all__ = ["count_steps", "reasoning_steps"]
@@ -37,7 +40,10 @@ def count_steps(text: str) -> int:
     return steps
 
 
-def reasoning_steps(completions: Sequence[Completion], *, min_steps: int = 3, **kwargs: Any) -> list[float]:
+@checks()
+def reasoning_steps(
+    completions: Sequence[Completion], *, min_steps: Annotated[int, Ge(1)] = 3, **kwargs: Any
+) -> list[float]:
     """Rewards visible step-by-step reasoning: min(1, steps / min_steps).
 
     A step is a line (leading spaces, markdown headings and bold markers ignored) that starts with
@@ -46,6 +52,4 @@ def reasoning_steps(completions: Sequence[Completion], *, min_steps: int = 3, **
     First/Second/Third/Next/Then/Finally/Lastly. Each line counts at most once; "-3 is…" and
     "1.5 is…" are numbers, not steps.
     """
-    if min_steps < 1:
-        raise ValueError(f"reasoning_steps: min_steps must be >= 1, got {min_steps}")
     return [min(1.0, count_steps(text) / min_steps) for text in completion_texts(completions)]

@@ -16,6 +16,7 @@ class Config(StageConfig):
     value: int = 0
     fail: bool = False
     hang: bool = False
+    sleep_s: float = 0.0  # works this long (signals do not stop it: it has no step boundary)
     source: str | None = None
     dataset: Data | None = None
 
@@ -36,8 +37,8 @@ def run(config: Config, ctx: Any) -> dict[str, Any]:
         fh.flush()
         if config.fail:
             raise RuntimeError("boom mid-write")
-        if config.hang:
+        if config.hang or config.sleep_s:
             (ctx.out_dir / "started").touch()
-            time.sleep(600)
+            time.sleep(600 if config.hang else config.sleep_s)
         fh.write(f" source={config.source}")
     return {"value": config.value}

@@ -108,3 +108,50 @@ def test_load_in_4bit_reaches_the_loader(tmp_path: Path, stage: str, record_quan
     with pytest.raises(_Quantised):
         module.run(config, ctx)
     assert record_quantised_loads == [EXPECTED.get(stage, "AutoModelForCausalLM")]
+
+
+def test_a_new_score_head_is_drawn_from_the_stage_seed() -> None:
+    """Two fresh loads of a causal LM as a reward/value model get the same head for one seed (the
+    run's reward model and critic follow from the recipe's seed), and the global RNG is untouched."""
+    import torch
+
+    from align.models import load_sequence_classifier, load_trainable
+
+    spec = ModelSpec(name_or_path="align:tiny")
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    heads = [load_sequence_classifier(spec, seed=7).score.weight for _ in range(2)]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], load_sequence_classifier(spec, seed=8).score.weight)
+    trainable = load_trainable(spec, task="sequence_classification", seed=7).model
+    assert torch.equal(trainable.score.weight, heads[0])
+
+
+def test_ppo_rejects_a_critic_with_another_vocabulary(tmp_path: Path) -> None:
+    """The critic (value_model, else reward_model) reads the policy's token ids."""
+    import json
+    import shutil
+
+    from align.embedded import embedded_model_path
+    from tests.recipe_problems import recipe_problems
+
+    other = tmp_path / "other-vocab"
+    shutil.copytree(embedded_model_path("align:tiny"), other)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] += 8
+    (other / "config.json").write_text(json.dumps(config))
+    text = f"""\
+name: v
+model: align:tiny
+stages:
+  - name: ppo
+    type: ppo
+    dataset: {{path: "align:arithmetic", num_examples: 8}}
+    reward_model: {other}
+"""
+    problems = recipe_problems(tmp_path, text)
+    assert "vocab_size 384 ≠ critic vocab_size 392" in problems["stages[0].reward_model"]
+    assert "set value_model" in problems["stages[0].reward_model"]
+    problems = recipe_problems(tmp_path, text.replace("reward_model:", "rewards: [{rule: format}]\n    value_model:"))
+    assert "must share a vocabulary" in problems["stages[0].value_model"]

@@ -310,3 +310,77 @@ def test_try_rule() -> None:
         try_rule("cosine", RIGHT, "42", {"maxlen": "5"})
     with pytest.raises(RuleResolutionError):
         try_rule("acuracy", RIGHT, "42")
+
+
+# ---------------------------------------------------------------- a rule's own parameter checks
+
+GRPO = """\
+name: rules
+model: align:tiny
+stages:
+  - name: grpo
+    type: grpo
+    dataset: {path: "align:arithmetic", num_examples: 8}
+    num_generations: 2
+    per_device_train_batch_size: 2
+    rewards:
+      - REWARD
+"""
+
+
+@pytest.mark.parametrize(
+    ("reward", "key", "reason"),
+    [
+        ("{rule: repetition, params: {max_penalty: 1.0}}", "max_penalty", "must be float ≤ 0, got 1.0"),
+        ("{rule: soft_overlong, params: {overlong_buffer: 0}}", "overlong_buffer", "must be int > 0, got 0"),
+        ("{rule: soft_overlong, params: {overlong_buffer: 512}}", "overlong_buffer",
+         "overlong_buffer (512) must be less than max_completion_length (512)"),
+        ("{rule: soft_overlong, params: {overlong_buffer: 600, max_completion_length: 256}}", "overlong_buffer",
+         "overlong_buffer (600) must be less than max_completion_length (256)"),
+        ("{rule: reasoning_steps, params: {min_steps: 0}}", "min_steps", "must be int ≥ 1, got 0"),
+        ("{rule: cosine, params: {max_len: 0}}", "max_len", "must be int > 0, got 0"),
+        ("{rule: code, params: {binary: true, binary_threshold: 1.5}}", "binary_threshold", "float in [0.0, 1.0)"),
+        ("{rule: format, params: {think_tag: answer}}", "think_tag", "they must differ"),
+    ],
+)
+def test_validate_runs_each_rules_own_checks(reward: str, key: str, reason: str) -> None:
+    """Each of these validated "OK" before and then made the rule score None for every sample."""
+    from align.recipe.errors import RecipeError
+    from align.recipe.validate import load_recipe_text
+
+    with pytest.raises(RecipeError) as caught:
+        load_recipe_text(GRPO.replace("REWARD", reward), check_files=False)
+    (problem,) = caught.value.problems
+    rule = reward.split(",")[0].removeprefix("{rule: ")
+    assert problem.path == ("stages", 0, "rewards", 0, "params")
+    assert problem.message.startswith(f"reward rule '{rule}': ") and reason in problem.message
+    assert key in problem.message  # the key, by name
+    # The call runs the very same check.
+    import yaml
+
+    from reward_rules._params import param_problems
+
+    params = yaml.safe_load(reward)["params"]
+    ((found_key, found),) = param_problems(RULES[rule], params)
+    assert found_key == key and found in problem.message  # the rule's sentence is the one validate shows
+    with pytest.raises(ValueError, match=key):
+        RULES[rule](["x"], **params, **({"solution": ["1"]} if rule == "cosine" else {}),
+                    **({"test_cases": [[{"input": "", "output": ""}]]} if rule == "code" else {}))
+
+
+def test_did_you_mean_offers_only_rules_that_score_the_same() -> None:
+    from align.rewards import _did_you_mean, _did_you_mean_rule
+
+    without_code_format = [name for name in RULES if name != "code_format"]
+    # The issue's case: before align had code_format, its lookalike `format` (R1 tags) was offered.
+    assert "'format'" in _did_you_mean("code_format", without_code_format)
+    assert _did_you_mean_rule("code_format", without_code_format) == ""
+    assert "'code_format'" in _did_you_mean_rule("format_code", list(RULES))
+    assert "'length'" in _did_you_mean_rule("length_penalty", list(RULES))
+    assert _did_you_mean_rule("format_accuracy", list(RULES)) == ""  # nothing scores both
+    assert "'accuracy'" in _did_you_mean_rule("acuracy", list(RULES))  # a typo says nothing: spelling decides
+    with pytest.raises(RuleResolutionError) as info:
+        resolve_rule("python_format")  # code + format: only code_format qualifies, never `format`
+    assert "Did you mean 'code_format'?" in str(info.value)
+    with pytest.raises(RuleResolutionError, match="Piston"):
+        resolve_rule("ioi_code")

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +12,7 @@ from align import artifacts as art
 from align.recipe.validate import load_recipe
 from align.runner import plan, run_recipe
 from align.stages import STAGE_TYPES
-from tests import fake_stage
+from tests import fake_stage, kill_run
 
 RECIPE = """\
 name: fake
@@ -121,7 +116,8 @@ def test_quickstart_plan_follows_references(tmp_path: Path) -> None:
     manifest = art.Manifest(recipe.name, recipe.source, [])
     for item in plan(recipe, run_dir):  # pretend every stage finished
         name = item.config.name
-        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "model").mkdir(parents=True)
+        (run_dir / name / "d.jsonl").write_text("")
         (run_dir / name / art.RESULT).write_text("{}")
         manifest.stages.append(art.StageRecord(name, item.config.type, art.COMPLETE, item.fingerprint,
                                                artifacts={"model": f"{name}/model", "dataset": f"{name}/d.jsonl"}))
@@ -177,27 +173,26 @@ def test_killed_between_publish_and_manifest_is_rerun(tmp_path: Path) -> None:
     assert [(p.config.name, p.run) for p in plan(recipe, run_dir)] == [("a", False), ("b", False), ("c", True)]
 
 
+def start_cli(tmp_path: Path, text: str) -> kill_run.Run:
+    """`align run` on the fake recipe `text`, in a real process."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return kill_run.start(path, tmp_path / "run", prelude=kill_run.FAKE_STAGE)
+
+
+def wait_for(path: Path, proc: kill_run.Run) -> None:
+    kill_run.wait_until(proc, path.exists, f"{path} to appear", timeout=120)
+
+
+HANGING = RECIPE + "  - {name: d, type: fake, hang: true}\n"
+
+
 def test_hard_kill_mid_stage_leaves_nothing_that_looks_complete(tmp_path: Path) -> None:
     """SIGKILL the real `align run` process while a stage is writing its artifact."""
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE + "  - {name: d, type: fake, hang: true}\n")
-    run_dir = tmp_path / "run"
-    code = textwrap.dedent(f"""
-        import sys
-        from align.stages import STAGE_TYPES
-        STAGE_TYPES["fake"] = "tests.fake_stage"
-        from align.cli import main
-        sys.exit(main(["run", {str(path)!r}, "--run-dir", {str(run_dir)!r}]))
-    """)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started = art.scratch_dir(run_dir, "d") / "started"
-    deadline = time.time() + 120
-    while not started.exists():
-        assert proc.poll() is None and time.time() < deadline, "stage d never started"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    run_dir, path = tmp_path / "run", tmp_path / "recipe.yaml"
+    proc = start_cli(tmp_path, HANGING)
+    wait_for(art.scratch_dir(run_dir, "d") / "started", proc)
+    assert kill_run.kill(proc, signal.SIGKILL) == -signal.SIGKILL
     manifest = art.Manifest.read(run_dir)
     assert manifest is not None
     record = manifest.record("d")
@@ -232,3 +227,91 @@ stages:
     assert record.metrics["num_prompts"] == 4
     assert (tmp_path / "run" / "ev" / "predictions.jsonl").read_text().count("\n") == 4
     assert "Held-out accuracy" in render_report(manifest) and "ev " in render_report(manifest)
+
+
+# ---------------------------------------------------------------- one run per run dir, signals, damage
+
+
+def test_a_second_run_on_a_run_dir_in_use_is_refused_at_once(tmp_path: Path) -> None:
+    first = start_cli(tmp_path, HANGING)
+    try:
+        wait_for(art.scratch_dir(tmp_path / "run", "d") / "started", first)
+        second = start_cli(tmp_path, HANGING)
+        assert second.wait(timeout=120) == 2
+        err = second.output()
+        assert f"{tmp_path / 'run'} is in use by pid {first.pid}" in err
+        assert (art.scratch_dir(tmp_path / "run", "d") / "started").exists()  # the first run's work is untouched
+        assert art.lock_holder(tmp_path / "run") is not None
+    finally:
+        first.kill()
+        first.wait()
+    # the kernel dropped the dead process's lock: the file left behind is stale, not a live run
+    assert (tmp_path / "run" / art.LOCK).exists() and art.lock_holder(tmp_path / "run") is None
+    fake_stage.RUNS.clear()
+    run(tmp_path)  # takes the run dir over
+    assert fake_stage.RUNS == []  # a, b, c were complete; d is not in this recipe
+
+
+def test_sigterm_during_a_stage_without_steps_stops_before_the_next_stage(tmp_path: Path) -> None:
+    text = RECIPE.replace("value: 1}", "value: 1, sleep_s: 2}")
+    proc = start_cli(tmp_path, text)
+    wait_for(art.scratch_dir(tmp_path / "run", "a") / "started", proc)
+    assert kill_run.kill(proc, signal.SIGTERM) == 75
+    err = proc.output()
+    assert "stopped by SIGTERM before stage 'b' started" in err
+    manifest = art.Manifest.read(tmp_path / "run")
+    assert manifest is not None
+    assert [s.status for s in manifest.stages] == ["complete", "pending", "pending"]
+    fake_stage.RUNS.clear()
+    run(tmp_path, text=text)
+    assert fake_stage.RUNS == ["b", "c"]
+
+
+def test_a_corrupted_manifest_is_set_aside_and_rebuilt_from_the_stage_folders(tmp_path: Path) -> None:
+    run(tmp_path)
+    run_dir = tmp_path / "run"
+    (run_dir / art.MANIFEST).write_text('{"recipe": "fake", "stages": [{"na')  # cut off mid-write by a full disk
+    with pytest.raises(art.ManifestError, match="manifest.json cannot be read"):
+        art.Manifest.read(run_dir)
+    messages: list[str] = []
+    fake_stage.RUNS.clear()
+    path = tmp_path / "recipe.yaml"
+    manifest = run_recipe(load_recipe(path), run_dir, report=messages.append)
+    assert fake_stage.RUNS == []  # every finished stage was recognised from its result.json
+    assert [s.status for s in manifest.stages] == ["complete"] * 3
+    assert any("rebuilt it from the finished stage folders (3 of 3 stages complete)" in m for m in messages)
+    assert len(list(run_dir.glob("manifest.json.corrupt-*"))) == 1
+
+
+def test_a_stage_folder_deleted_by_hand_reruns_with_what_depends_on_it(tmp_path: Path) -> None:
+    import shutil
+
+    run(tmp_path)
+    shutil.rmtree(tmp_path / "run" / "a")
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    reasons = {p.config.name: (p.run, p.reason) for p in plan(recipe, tmp_path / "run")}
+    assert reasons["a"] == (True, "its stage folder is gone")
+    assert reasons["b"][0] and not reasons["c"][0]
+    fake_stage.RUNS.clear()
+    run(tmp_path)
+    assert fake_stage.RUNS == ["a", "b"]
+
+
+def test_an_artifact_deleted_by_hand_is_not_taken_as_complete(tmp_path: Path) -> None:
+    run(tmp_path)
+    (tmp_path / "run" / "c" / "out.txt").unlink()
+    fake_stage.RUNS.clear()
+    run(tmp_path)
+    assert fake_stage.RUNS == ["c"]
+
+
+def test_an_unfinished_attempt_of_another_config_is_discarded_and_said_so(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        run(tmp_path, "stages.b.fail=true")
+    scratch = art.scratch_dir(tmp_path / "run", "b")
+    (scratch / "leftover").write_text("from the failed attempt")
+    messages: list[str] = []
+    path = tmp_path / "recipe.yaml"
+    run_recipe(load_recipe(path), tmp_path / "run", report=messages.append)
+    assert any("its unfinished attempt ran another config: discarding .b.partial" in m for m in messages), messages
+    assert not (tmp_path / "run" / "b" / "leftover").exists()

@@ -7,7 +7,10 @@ is still caught by validation ("unknown key … did you mean").
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+import yaml
 
 from align.recipe.errors import KeyPath, Problem, did_you_mean, format_path
 from align.recipe.loader import parse_scalar
@@ -22,11 +25,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise OverrideError(f"override '{text}' is not of the form key.path=value")
-    return key.split("."), parse_scalar(value)
+    try:
+        return key.split("."), parse_scalar(value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise OverrideError(f"the value of override '{text}' is not valid YAML: {problem}") from None
 
 
 def _list_index(items: list[Any], segment: str, path: KeyPath) -> int:
-    if segment.lstrip("-").isdigit():
+    if re.fullmatch(r"-?[0-9]+", segment):  # not str.isdigit(): it takes "²", which int() does not
         index = int(segment)
         if not -len(items) <= index < len(items):
             raise OverrideError(f"{format_path(path)}: index {index} out of range (list has {len(items)} items)")

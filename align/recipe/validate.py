@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from align.recipe.overrides import apply_overrides
 from align.recipe.schema import REFERENCE, REFERENCE_ANYWHERE, ModelSpec, RecipeHeader, StageConfig
 from align.recipe.trl_fields import field_adapter, trl_config_fields
 from align.stages import STAGE_TYPES, stage_module
+from align.tracking import report_to_problems
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Recipe:
     stages: list[StageConfig]
     data: dict[str, Any]
     base_dir: Path
+    #: What validation could not check, for the user to know (one line each).
+    notices: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -133,7 +136,7 @@ def _walk_strings(value: Any, path: KeyPath) -> Iterator[tuple[KeyPath, str]]:
 
 def _check_references(raw_stages: list[Any], typed: dict[str, StageConfig], located: LocatedYAML) -> list[Problem]:
     problems: list[Problem] = []
-    order = {stage.get("name"): i for i, stage in enumerate(raw_stages) if isinstance(stage, dict)}
+    order = {stage["name"]: i for i, stage in enumerate(raw_stages) if isinstance(stage, dict) and isinstance(stage.get("name"), str)}
     for i, stage in enumerate(raw_stages):
         if not isinstance(stage, dict):
             continue
@@ -179,6 +182,7 @@ def validate_data(
 
     raw_stages = data.get("stages") if isinstance(data.get("stages"), list) else []
     typed: dict[str, StageConfig] = {}
+    notices: list[str] = []
     written_columns: dict[str, set[str] | None] = {}
     seen: set[str] = set()
     for i, raw in enumerate(raw_stages):
@@ -192,7 +196,7 @@ def validate_data(
         if isinstance(name, str):
             seen.add(name)
         stage_type = raw.get("type")
-        if stage_type not in STAGE_TYPES:
+        if not isinstance(stage_type, str) or stage_type not in STAGE_TYPES:
             hint = did_you_mean(str(stage_type), STAGE_TYPES)
             expected = ", ".join(STAGE_TYPES)
             add((*prefix, "type"), f"unknown stage type {stage_type!r}{hint}; expected one of: {expected}")
@@ -212,12 +216,17 @@ def validate_data(
             ctx.check_model(stage_cfg.model, ("model",))
             stage_module(stage_type).check(stage_cfg, ctx)
             problems.extend(ctx.problems)
+            notices.extend(ctx.notices)
+        for message in report_to_problems(getattr(stage_cfg, "report_to", None)):
+            add((*prefix, "report_to"), message)
         if isinstance(name, str):
             typed[name] = stage_cfg
             written_columns[name] = stage_module(stage_type).output_columns(stage_cfg)
 
     problems.extend(_check_references(raw_stages, typed, located))
     if header is not None:
+        for message in report_to_problems(header.report_to):
+            add(("report_to",), message)
         problems.extend(_check_launcher(header.launcher, ("launcher",), base_dir, located))
         for i, stage in enumerate(typed.values()):
             if stage.launcher is not None:
@@ -229,7 +238,7 @@ def validate_data(
         unique = list(dict.fromkeys(problems))
         raise RecipeError(source, sorted(unique, key=lambda p: (p.line or 0)))
     assert header is not None
-    return Recipe(source, header, list(typed.values()), data, base_dir)
+    return Recipe(source, header, list(typed.values()), data, base_dir, list(dict.fromkeys(notices)))
 
 
 def _model_problems(spec: ModelSpec, path: KeyPath, base_dir: Path, located: LocatedYAML) -> list[Problem]:

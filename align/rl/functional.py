@@ -368,6 +368,12 @@ class FixedKLController:
         """No-op; returns the (unchanged) coefficient."""
         return self.value
 
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
 
 class AdaptiveKLController:
     """Adaptive KL coefficient of Ziegler et al. 2019 ("Fine-Tuning LMs from Human Preferences").
@@ -396,6 +402,12 @@ class AdaptiveKLController:
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -560,15 +572,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def logprobs_from_logits(
-    logits: Tensor, labels: Tensor, chunk_size: int | None = None, ignore_index: int = -100
+    logits: Tensor, labels: Tensor, chunk_size: int | None = None, ignore_index: int = -100, temperature: float = 1.0
 ) -> Tensor:
-    """Log-probability of each label: ``log softmax(logits)[label] = logits[label] − logsumexp(logits)``.
+    """Log-probability of each label: ``log softmax(logits / T)[label] = z[label] − logsumexp(z)``.
 
     Gathers the label logit and subtracts ``logsumexp`` instead of materialising the full
-    ``[..., V]`` log-softmax. bf16/fp16 logits are upcast to float32 one chunk at a time.
+    ``[..., V]`` log-softmax. bf16/fp16 logits are upcast to float32 one chunk at a time, and divided
+    by the sampling ``temperature`` after the upcast (dividing bf16 logits first rounds them again).
 
-    Logits must already be aligned with labels (logits at position t predict ``labels[t]``) and divided
-    by the sampling temperature if one was used.
+    Logits must already be aligned with labels (logits at position t predict ``labels[t]``).
 
     Args:
         logits: ``[..., V]``, e.g. ``[B, T, V]``.
@@ -577,6 +589,7 @@ def logprobs_from_logits(
         chunk_size: process this many flattened positions at a time (caps the float32 temporaries at
             ``chunk_size × V``; useful under ``no_grad``); ``None`` = all at once.
         ignore_index: label value marking positions to skip.
+        temperature: the sampling temperature T > 0.
 
     Returns:
         ``labels.shape`` tensor of log-probs, float32 for half-precision logits, else ``logits.dtype``.
@@ -591,7 +604,7 @@ def logprobs_from_logits(
     dtype = _compute_dtype(logits.dtype)
     outs = []
     for lg, lb in zip(_rows(flat_logits, chunk_size), _rows(safe_labels, chunk_size), strict=True):
-        lg = lg.to(dtype)
+        lg = lg.to(dtype) / temperature
         picked = lg.gather(-1, lb.unsqueeze(-1)).squeeze(-1)
         outs.append(picked - torch.logsumexp(lg, dim=-1))
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -599,15 +612,18 @@ def logprobs_from_logits(
     return out.reshape(labels.shape)
 
 
-def entropy_from_logits(logits: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Entropy of the softmax distribution at each position: ``H = −Σ_v p_v · log p_v``.
+def entropy_from_logits(logits: Tensor, chunk_size: int | None = None, temperature: float = 1.0) -> Tensor:
+    """Entropy of the softmax distribution at each position: ``H = −Σ_v p_v · log p_v`` with
+    ``p = softmax(logits / T)``.
 
     ``log p = logits − logsumexp(logits)`` (stable for large logits); ``-inf`` logits (masked
     vocabulary) contribute exactly 0 to the value and to the gradient. Half precision is upcast.
 
     Args:
         logits: ``[..., V]``, e.g. ``[B, T, V]``.
-        chunk_size: process this many flattened positions at a time; ``None`` = all at once.
+        chunk_size: process this many flattened positions at a time (caps the float32 temporaries at a
+            few ``chunk_size × V`` tensors); ``None`` = all at once.
+        temperature: the sampling temperature T > 0, applied after the upcast.
 
     Returns:
         ``[...]`` entropies in nats (e.g. ``[B, T]``); float32 for half-precision input. Not masked:
@@ -618,7 +634,7 @@ def entropy_from_logits(logits: Tensor, chunk_size: int | None = None) -> Tensor
     dtype = _compute_dtype(logits.dtype)
     outs = []
     for lg in _rows(flat, chunk_size):
-        logp = torch.log_softmax(lg.to(dtype), dim=-1)
+        logp = torch.log_softmax(lg.to(dtype) / temperature, dim=-1)
         p = logp.exp()
         # where, not p * logp: 0 * -inf is NaN in both the value and the backward pass.
         safe_logp = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))

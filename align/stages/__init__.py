@@ -19,6 +19,8 @@ STAGE_TYPES: dict[str, str] = {
     "eval": "align.stages.eval",
     "grpo": "align.stages.grpo",
     "reward_model": "align.stages.reward_model",
+    "dpo": "align.stages.dpo",
+    "kto": "align.stages.kto",
     "ppo": "align.stages.ppo",
     "rejection_sampling": "align.stages.rejection_sampling",
     "distill": "align.stages.distill",

@@ -35,14 +35,21 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt
 
-from align.artifacts import StageContext
-from align.data import chat_prompt, load_dataset, message_text, write_jsonl
-from align.embedded import EMBEDDED_MODELS, embedded_model_path, is_embedded
+from align.artifacts import ChunkedJsonl, StageContext, read_committed
+from align.console import StageProgress
+from align.data import (
+    PROMPT_NEEDS,
+    SFT_NEEDS,
+    Needs,
+    RowLedger,
+    chat_prompt,
+    load_dataset,
+    message_text,
+)
 from align.generation import load_sampler
 from align.models import (
     checkpoint_parameter_count,
@@ -51,12 +58,16 @@ from align.models import (
     load_tokenizer,
     load_trainable,
     resolve_model_path,
+    vocabulary_mismatch,
 )
-from align.paths import resolve_user_path
+from align.preempt import Interrupted, signal_name, stop_requested
 from align.recipe.checks import CheckContext
-from align.recipe.schema import REFERENCE, Data, LoraSpec, Model, ModelSpec, SamplingKnobs, TrlStageConfig
+from align.recipe.schema import Data, LoraSpec, Model, ModelSpec, SamplingKnobs, TrlStageConfig
 from align.training import (
+    attach_console,
     final_train_metrics,
+    fit,
+    guard_callback,
     metrics_callback,
     prepare_sft_dataset,
     run_sft,
@@ -93,6 +104,9 @@ class Config(TrlStageConfig, SamplingKnobs):
     num_generations: PositiveInt = Field(default=1, description="Teacher traces per prompt.")
     temperature: float = Field(default=0.6, ge=0.0, description="Sampling temperature; 0 = greedy traces.")
     drop_truncated: bool = Field(default=True, description="Drop teacher traces that never emitted EOS.")
+    chunk_size: PositiveInt = Field(
+        default=4096, description="Prompts sampled and written per chunk: a resumed stage continues after the last."
+    )
 
     # logit-level (GKDConfig's names; both defaults differ from TRL's 0.5: a fresh student's own
     # samples teach it nothing, and forward KL learnt far faster than JSD(0.5) on the embedded task —
@@ -115,7 +129,14 @@ def _has_traces(columns: set[str]) -> bool:
     return "messages" in columns or {"prompt", "completion"} <= columns
 
 
+def needs(config: Config) -> Needs:
+    """Every row: traces (messages, or prompt + completion) or a prompt for the teacher, as `traces` says."""
+    traces = SFT_NEEDS.layouts[:2]
+    return Needs({"dataset": traces, "teacher": PROMPT_NEEDS.layouts}.get(config.traces, (*traces, *PROMPT_NEEDS.layouts)))
+
+
 def check(config: Config, ctx: CheckContext) -> None:
+    ctx.check_rows(config.dataset, ("dataset",), needs(config))
     columns = ctx.dataset_columns(config.dataset, ("dataset",))
     if columns is not None:
         if config.traces == "dataset" and not _has_traces(columns):
@@ -143,64 +164,14 @@ def check(config: Config, ctx: CheckContext) -> None:
     ctx.check_lora(config.lora)
     ctx.check_model(config.teacher, ("teacher",))
     ctx.check_model(config.student, ("student",))
+    ctx.check_context(config.teacher or ctx.model_spec(config), config, ("max_completion_length",))
+    ctx.check_context(config.student, config, ("max_length",))
     teacher = config.teacher or ctx.model_spec(config)
     if ctx.check_models and config.method == "logit":
-        problem = vocabulary_mismatch(_origin(teacher, ctx), _origin(config.student, ctx), ctx.base_dir)
+        problem = vocabulary_mismatch(ctx.origin_model(teacher), ctx.origin_model(config.student), ctx.base_dir,
+                                      ("teacher", "student"))
         if problem:
             ctx.error(("student",), f"method: logit needs teacher and student to share a vocabulary: {problem}")
-
-
-def _origin(spec: ModelSpec, ctx: CheckContext) -> ModelSpec | None:
-    """The model a spec really starts from: `${stages.X.model}` is followed to the model stage X
-    trained (its student for a distill stage); None when that is not known before running."""
-    for _ in range(len(ctx.earlier) + 1):
-        match = REFERENCE.match(spec.name_or_path)
-        if not match:
-            return spec
-        producer = ctx.earlier.get(match.group(1))
-        if producer is None or match.group(2) != "model":
-            return None
-        student = getattr(producer, "student", None) if producer.type == "distill" else None
-        spec = student or ctx.model_spec(producer)
-    return None
-
-
-def _local_model_dir(spec: ModelSpec, base_dir: Path) -> Path | None:
-    if is_embedded(spec.name_or_path):
-        return embedded_model_path(spec.name_or_path)
-    path = resolve_user_path(spec.name_or_path, base_dir)
-    return path if path.is_dir() else None
-
-
-def vocabulary_mismatch(teacher: ModelSpec | None, student: ModelSpec | None, base_dir: Path) -> str | None:
-    """Why two models cannot share logits (different token→id maps or output sizes), or None when they
-    can or when it cannot be known offline (hub ids, later-stage outputs)."""
-    import json
-
-    if teacher is None or student is None:
-        return None
-    names = (teacher.name_or_path, student.name_or_path)
-    if all(n in EMBEDDED_MODELS for n in names) and not teacher.tokenizer and not student.tokenizer:
-        a, b = (EMBEDDED_MODELS[n].tokenizer for n in names)
-        return None if a == b else f"{names[0]} and {names[1]} use different embedded tokenizers"
-    dirs = [_local_model_dir(s, base_dir) for s in (teacher, student)]
-    if any(d is None for d in dirs):
-        return None
-    sizes = []
-    for d in dirs:
-        config_file = Path(d, "config.json")
-        raw = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
-        sizes.append(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size"))
-    if None not in sizes and sizes[0] != sizes[1]:
-        return f"teacher vocab_size {sizes[0]} ≠ student vocab_size {sizes[1]}"
-    from transformers import AutoTokenizer
-
-    vocabularies = [AutoTokenizer.from_pretrained(s.tokenizer or str(d)).get_vocab()
-                    for s, d in zip((teacher, student), dirs, strict=True)]  # fmt: skip
-    if vocabularies[0] != vocabularies[1]:
-        differing = sorted(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))[:3]
-        return f"their tokenizers map tokens to ids differently (e.g. {differing})"
-    return None
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -220,25 +191,52 @@ def trace_source(config: Config, columns: list[str]) -> Literal["teacher", "data
 
 def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: StageContext) -> tuple[Any, dict[str, Any]]:
     """Sample the teacher's traces for every prompt; return them as a prompt/completion dataset (the
-    prompt's other columns kept) and figures about them. Also written to `traces.jsonl`."""
+    prompt's other columns kept) and figures about them. Written to `traces.jsonl` a chunk at a time
+    (by the first process: under accelerate every process samples the same traces), so a resumed
+    stage samples only the chunks not yet committed; each chunk has its own seed, so the traces are
+    those of an uninterrupted run."""
     from datasets import Dataset
 
-    sample = load_sampler(teacher, config, seed=ctx.seed)
-    rows = dataset.to_list()
-    prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
-    samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed)
-    traces: list[dict[str, Any]] = []
-    truncated = 0
-    for row, prompt, row_samples in zip(rows, prompts, samples, strict=True):
-        extra = {k: v for k, v in row.items() if k not in ("prompt", "completion", "messages", "text")}
-        for s in row_samples:
-            if config.drop_truncated and not s.finished:
-                truncated += 1
-                continue
-            completion = [{"role": "assistant", "content": s.text}] if not isinstance(prompt, str) else s.text
-            traces.append({"prompt": prompt, "completion": completion, **extra})
-    if os.environ.get("RANK", "0") == "0":  # under accelerate every process samples the same traces
-        write_jsonl(traces, ctx.artifact(ARTIFACTS["traces"]))
+    name = ARTIFACTS["traces"]
+    writer = ChunkedJsonl(ctx.out_dir, [name]) if os.environ.get("RANK", "0") == "0" else None
+    if writer is not None:
+        writer.open()  # cuts the file back to its last commit, which is what is read next
+    chunks_done, state, traces = read_committed(ctx.out_dir, name)
+    truncated = state.get("dropped_truncated", 0)
+    chunks = range(0, len(dataset), config.chunk_size)
+    if chunks_done:
+        logger.info("distill: resuming trace sampling after %d of %d chunks (%d traces)", chunks_done, len(chunks), len(traces))
+    try:
+        sample = load_sampler(teacher, config, seed=ctx.seed) if chunks_done < len(chunks) else None
+        total = len(dataset) * config.num_generations
+        with StageProgress(ctx.out_dir, ctx.name, total, unit="sample", phase="traces") as bar:
+            for chunk_no, start in enumerate(chunks):
+                if chunk_no < chunks_done:
+                    continue
+                if stop_requested():
+                    raise Interrupted(f"stopped by {signal_name()} after trace chunk {chunk_no} of {len(chunks)}")
+                rows = dataset.select(range(start, min(start + config.chunk_size, len(dataset)))).to_list()
+                prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
+                done = start * config.num_generations
+                assert sample is not None
+                samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed + chunk_no,
+                                 progress=lambda n, done=done: bar.update(done + n))  # fmt: skip
+                for row, prompt, row_samples in zip(rows, prompts, samples, strict=True):
+                    extra = {k: v for k, v in row.items() if k not in ("prompt", "completion", "messages", "text")}
+                    for s in row_samples:
+                        if config.drop_truncated and not s.finished:
+                            truncated += 1
+                            continue
+                        completion = [{"role": "assistant", "content": s.text}] if not isinstance(prompt, str) else s.text
+                        trace = {"prompt": prompt, "completion": completion, **extra}
+                        traces.append(trace)
+                        if writer is not None:
+                            writer.write(name, trace)
+                if writer is not None:
+                    writer.commit(chunk_no + 1, {"dropped_truncated": truncated})
+    finally:
+        if writer is not None:
+            writer.close()
     figures: dict[str, Any] = {"num_traces": len(traces), "dropped_truncated": truncated}
     if traces and "solution" in traces[0]:
         from reward_rules import RULES
@@ -268,7 +266,8 @@ def _check_shared_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any, tea
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     teacher = config.teacher or config.model
     assert teacher is not None
-    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
+    ledger = RowLedger()  # rows dropped under on_bad_rows: skip
+    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=needs(config), ledger=ledger)
     figures: dict[str, Any] = {}
     if trace_source(config, dataset.column_names) == "teacher":
         train, figures = _teacher_traces(config, teacher, dataset, ctx)
@@ -283,7 +282,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         teacher_params = checkpoint_parameter_count(resolve_model_path(teacher.name_or_path, ctx.base_dir))
     else:
         metrics, student_params, teacher_params = _train_logit(config, ctx, teacher, train)
-    metrics = {**figures, **metrics, "student_params": student_params}
+    metrics = {**figures, **metrics, **ledger.metrics(), "student_params": student_params}
     if teacher_params:
         metrics["teacher_params"] = teacher_params
         metrics["student_teacher_param_ratio"] = round(student_params / teacher_params, 4)
@@ -296,16 +295,18 @@ def _train_logit(config: Config, ctx: StageContext, teacher: ModelSpec, train: A
 
     train = prepare_sft_dataset(train, config.system_prompt)
     tokenizer = load_tokenizer(config.student, padding_side="right")
-    trainable = load_trainable(config.student, config.lora)
+    precision = config.precision()
+    trainable = load_trainable(config.student, config.lora, precision=precision)
     student_params = sum(p.numel() for p in trainable.model.parameters())  # before LoRA adds its own
-    teacher_model = load_causal_lm(teacher).to(device()).eval()
+    teacher_model = load_causal_lm(teacher, precision=precision).to(device()).eval()
     _check_shared_vocabulary(load_tokenizer(teacher), tokenizer, teacher_model, trainable.model)
     work_dir = ctx.artifact("trainer")
     trainer = GKDTrainer(model=trainable.model, teacher_model=teacher_model, args=trl_config(config, work_dir),
                          train_dataset=_as_messages(train), processing_class=tokenizer, peft_config=trainable.peft_config,
-                         callbacks=[metrics_callback(ctx.metrics)])  # fmt: skip
+                         callbacks=[metrics_callback(ctx.metrics), guard_callback()])  # fmt: skip
+    attach_console(trainer, ctx)
     logger.info("distill (logit): %d traces, student %s parameters", len(train), f"{student_params:,}")
-    result = trainer.train()
+    result = fit(trainer, ctx.metrics.path)
     metrics = final_train_metrics(trainer, result)
-    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
+    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir, config.student)
     return metrics, student_params, sum(p.numel() for p in teacher_model.parameters())

@@ -20,18 +20,27 @@ go into the manifest.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
 from align.artifacts import SAMPLE, MetricsWriter, StageContext
-from align.data import chat_prompt, load_dataset, message_text
+from align.data import RowLedger, TokenLimit, chat_prompt, load_dataset, message_text
 from align.generation import render_prompt
-from align.models import load_tokenizer, load_trainable
+from align.models import load_tokenizer, load_trainable, materialize_merged, use_stop_tokens
 from align.recipe.checks import CheckContext
-from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, TrlStageConfig
-from align.rewards import Scorer
-from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
+from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, RuleFailureKnobs, TrlStageConfig
+from align.rewards import Scorer, prompt_needs
+from align.training import (
+    attach_console,
+    final_train_metrics,
+    fit,
+    guard_callback,
+    metrics_callback,
+    save_trained_model,
+    trl_config,
+)
 
 logger = logging.getLogger("align")
 
@@ -39,7 +48,7 @@ ARTIFACTS = {"model": "model"}
 SAMPLES_PER_LOG = 3
 
 
-class Config(TrlStageConfig):
+class Config(TrlStageConfig, RuleFailureKnobs):
     trl_config_class: ClassVar[str | None] = "trl:GRPOConfig"
 
     type: Literal["grpo"] = "grpo"
@@ -53,7 +62,8 @@ class Config(TrlStageConfig):
         default=True, description="Wrap plain-string prompts as a user message (chat template applies); false keeps raw text."
     )
     max_prompt_length: PositiveInt | None = Field(
-        default=None, description="Prompts longer than this many tokens are dropped (and counted), not cut."
+        default=None, description="A prompt longer than this many tokens (chat template applied) is a bad row: an error "
+        "naming it, or, with the dataset's on_bad_rows: skip, dropped and counted. Never cut.",
     )
     lora: LoraSpec | None = None
     learning_rate: float = Field(default=1e-6, gt=0)
@@ -62,6 +72,9 @@ class Config(TrlStageConfig):
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     beta: float = Field(default=0.0, ge=0, description="KL coefficient (TRL: k3 estimator in the loss); 0 = no reference model.")
+    max_kl: float | None = Field(
+        default=None, gt=0, description="Stop the stage when the logged KL to the reference (TRL's k3, per token) exceeds this."
+    )
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     epsilon: float = Field(default=0.2, gt=0)
@@ -81,9 +94,13 @@ class Config(TrlStageConfig):
 def check(config: Config, ctx: CheckContext) -> None:
     ctx.require_columns(config.dataset, ("dataset",), {"prompt": "GRPO generates from it"})
     ctx.check_rewards(config.rewards, config.dataset)
+    ctx.check_rows(config.dataset, ("dataset",), prompt_needs(config.rewards, ctx.base_dir))
     ctx.check_model(config.reward_model, ("reward_model",))
     ctx.check_lora(config.lora)
     ctx.check_vllm(config.use_vllm)
+    ctx.check_context(ctx.model_spec(config), config, ("max_prompt_length", "max_completion_length"))
+    if config.max_kl is not None and config.beta == 0:
+        ctx.error(("max_kl",), "max_kl needs beta > 0: with beta 0 there is no reference model, and no KL to watch")
     processes = ctx.processes(config)
     steps_per_generation = (config.model_extra or {}).get("steps_per_generation") or config.gradient_accumulation_steps
     generation_batch = config.per_device_train_batch_size * processes * steps_per_generation
@@ -102,8 +119,10 @@ def output_columns(config: Config) -> set[str] | None:
 
 
 class SampleRecorder:
-    """Wraps the reward functions to keep the latest batch of completions and their scores, so a
-    few can be written out at each logging step (TRL only sends them to wandb/rich)."""
+    """Wraps the reward functions to keep the latest generation round's completions with the scores
+    every function gave *them*, so a few can be written out at each logging step (TRL only sends
+    them to wandb/rich). A logging step may span several rounds; TRL calls every reward function
+    once per round with the same completions, which is how a round is told from the next."""
 
     def __init__(self) -> None:
         self.latest: dict[str, Any] = {}
@@ -113,9 +132,9 @@ class SampleRecorder:
 
         def recorded(completions: list[Any], **kwargs: Any) -> list[float | None]:
             scores = fn(completions, **kwargs)
-            recorder.latest.setdefault("completions", completions)
-            recorder.latest.setdefault("prompts", kwargs.get("prompts"))
-            recorder.latest.setdefault("scores", {})[fn.__name__] = scores
+            if recorder.latest.get("completions") is not completions:  # the first function of a new round
+                recorder.latest = {"completions": completions, "prompts": kwargs.get("prompts"), "scores": {}}
+            recorder.latest["scores"][fn.__name__] = scores
             return scores
 
         recorded.__name__ = fn.__name__
@@ -144,30 +163,53 @@ def _samples_callback(recorder: SampleRecorder, writer: MetricsWriter) -> Any:
     return _Samples()
 
 
-def _prepare(dataset: Any, tokenizer: Any, config: Config) -> Any:
+def _prepare(dataset: Any, config: Config) -> Any:
     if config.conversational or config.system_prompt:
         dataset = dataset.map(lambda row: {"prompt": chat_prompt(row["prompt"], config.system_prompt, config.conversational)})
-    if config.max_prompt_length:
-        limit = config.max_prompt_length
-        before = len(dataset)
-        dataset = dataset.filter(lambda row: len(tokenizer(render_prompt(tokenizer, row["prompt"]))["input_ids"]) <= limit)
-        if len(dataset) < before:
-            logger.warning("grpo: dropped %d of %d prompts longer than %d tokens", before - len(dataset), before, limit)
     return dataset
+
+
+def prompt_limit(tokenizer: Any, config: Config) -> TokenLimit | None:
+    """`max_prompt_length` as a row check: the prompt's tokens as the model sees it (chat template applied)."""
+    if not config.max_prompt_length:
+        return None
+
+    def count(prompt: Any) -> int:
+        return len(tokenizer(render_prompt(tokenizer, chat_prompt(prompt, config.system_prompt, config.conversational)))["input_ids"])
+
+    return TokenLimit("prompt", config.max_prompt_length, "max_prompt_length", count)
+
+
+def _first_and_last(history: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """`first_<key>`/`last_<key>` over the logged steps that have a finite value: TRL logs None for a
+    step on which every reward was None, and that must not cost the trained model."""
+    values = [float(h[key]) for h in history if isinstance(h.get(key), int | float) and math.isfinite(h[key])]
+    return {f"first_{key}": round(values[0], 4), f"last_{key}": round(values[-1], 4)} if values else {}
 
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     from trl import GRPOTrainer
 
     assert config.model is not None
+    precision = config.precision()
     tokenizer = load_tokenizer(config.model, padding_side="left")
-    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), tokenizer, config)
+    ledger = RowLedger()
+    need = prompt_needs(config.rewards, ctx.base_dir).limited(prompt_limit(tokenizer, config))
+    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=need, ledger=ledger), config)
     scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
-                          reward_model_batch_size=config.reward_model_batch_size)  # fmt: skip
+                          reward_model_batch_size=config.reward_model_batch_size, precision=precision, seed=ctx.seed,
+                          max_rule_failure_rate=config.max_rule_failure_rate,
+                          rule_failure_min_samples=config.rule_failure_min_samples)  # fmt: skip
     recorder = SampleRecorder()
     work_dir = ctx.artifact("trainer")
     args = trl_config(config, work_dir, reward_weights=[t.weight for t in scorer.terms])
-    trainable = load_trainable(config.model, config.lora)
+    start = config.model
+    if config.beta > 0 and config.lora is None:
+        # TRL rebuilds the KL reference from `config._name_or_path`, which for an adapter merged in
+        # memory names the base without the adapter: give it a folder that holds the merged model.
+        start = materialize_merged(config.model, work_dir / "start-model", precision)
+    trainable = load_trainable(start, config.lora, precision=precision)
+    use_stop_tokens(trainable.model, tokenizer, config.model)  # TRL stops and masks completions at these
     trainer = GRPOTrainer(
         model=trainable.model,
         reward_funcs=[recorder.wrap(fn) for fn in scorer.functions],
@@ -175,20 +217,13 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=trainable.peft_config,
-        callbacks=[metrics_callback(ctx.metrics), _samples_callback(recorder, ctx.metrics)],
+        callbacks=[metrics_callback(ctx.metrics), _samples_callback(recorder, ctx.metrics), guard_callback(max_kl=config.max_kl)],
     )
+    attach_console(trainer, ctx)
     logger.info("grpo: %d prompts, %d generations each, rewards: %s", len(train), config.num_generations,
                 ", ".join(f"{t.name}×{t.weight:g}" for t in scorer.terms))
-    result = trainer.train()
-    metrics = final_train_metrics(trainer, result)
-    rewards_logged = [h for h in trainer.state.log_history if "reward" in h]
-    if rewards_logged:
-        metrics["first_reward"] = round(float(rewards_logged[0]["reward"]), 4)
-        metrics["last_reward"] = round(float(rewards_logged[-1]["reward"]), 4)
-    last_errors = scorer.last_errors()
-    for name, failures in scorer.failures().items():
-        metrics[f"{name}_failures"] = failures
-        if failures:
-            logger.warning("grpo: rule %s scored None on %d samples (%s)", name, failures, last_errors.get(name))
-    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
+    result = fit(trainer, ctx.metrics.path)
+    metrics = {**final_train_metrics(trainer, result), **_first_and_last(trainer.state.log_history, "reward"),
+               **scorer.failure_metrics("grpo"), **ledger.metrics()}  # fmt: skip
+    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir, config.model)
     return metrics

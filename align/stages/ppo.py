@@ -60,8 +60,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
@@ -74,21 +75,35 @@ from pydantic import (
     model_validator,
 )
 
-from align.artifacts import EVAL, SAMPLE, TRAIN, StageContext
-from align.data import chat_prompt, load_dataset
+from align.artifacts import EVAL, SAMPLE, TRAIN, StageContext, drop_metrics_after
+from align.checkpoints import checkpoint_dir, latest_checkpoint, mark_complete, prune
+from align.console import StageProgress
+from align.data import RowLedger, chat_prompt, load_dataset
 from align.generation import encode_prompts, eos_and_pad_ids, generate_rollout
 from align.models import (
     device,
     load_causal_lm,
     load_tokenizer,
     load_trainable,
+    save_dtype,
     save_model,
-    use_bf16,
     use_gradient_checkpointing,
+    use_stop_tokens,
+    vocabulary_mismatch,
 )
+from align.preempt import Interrupted, signal_name, stop_agreed
 from align.recipe.checks import CheckContext
-from align.recipe.schema import Data, LoraSpec, Model, RewardSpec, StageConfig, TrainingKnobs
-from align.rewards import Scorer
+from align.recipe.schema import (
+    Data,
+    LoraSpec,
+    Model,
+    RewardSpec,
+    RuleFailureKnobs,
+    StageConfig,
+    TrainingKnobs,
+)
+from align.rewards import Scorer, prompt_needs
+from align.tracking import accelerate_trackers, flat_config
 from align.training import warmup_step_count
 
 if TYPE_CHECKING:
@@ -99,7 +114,7 @@ logger = logging.getLogger("align")
 ARTIFACTS = {"model": "model"}
 
 
-class Config(StageConfig, TrainingKnobs):
+class Config(StageConfig, TrainingKnobs, RuleFailureKnobs):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     type: Literal["ppo"] = "ppo"
@@ -126,6 +141,10 @@ class Config(StageConfig, TrainingKnobs):
     num_mini_batches: PositiveInt = 1
     total_episodes: PositiveInt | None = Field(default=None, description="Rollouts in all; default epochs × prompts.")
     local_rollout_forward_batch_size: PositiveInt = 64
+    logits_chunk_size: PositiveInt = Field(
+        default=1024, description="Token positions whose full-vocabulary softmax is taken at once in the no-grad "
+        "log-prob and entropy passes: bounds their memory (a 152k vocabulary: ~0.6 GB per float32 copy at 1024).",
+    )
 
     # PPO
     learning_rate: PositiveFloat = 3e-6
@@ -151,9 +170,18 @@ class Config(StageConfig, TrainingKnobs):
     kl_target: PositiveFloat | None = Field(default=None, description="Adaptive β towards this sequence KL (nats).")
     kl_horizon: PositiveInt = 10_000
 
-    # logging
+    max_kl: PositiveFloat | None = Field(
+        default=None, description="Stop the stage when the sampled KL to the reference (nats per sequence) exceeds this."
+    )
+
+    # logging and checkpoints (TrainingArguments' names)
     num_sample_rollouts: NonNegativeInt = Field(default=2, description="Rollouts logged each logging interval.")
     eval_steps: PositiveInt | None = Field(default=None, description="Also evaluate every N steps.")
+    save_strategy: Literal["steps", "no"] = "steps"
+    save_steps: PositiveFloat = Field(
+        default=0.1, description="Checkpoint every N steps; a float below 1 is a share of all steps (0.1: every tenth)."
+    )
+    save_total_limit: PositiveInt | None = Field(default=2, description="Checkpoints kept (None: all).")
 
     @model_validator(mode="after")
     def _needs_a_reward(self) -> Config:
@@ -170,10 +198,24 @@ def check(config: Config, ctx: CheckContext) -> None:
     ctx.require_columns(config.dataset, ("dataset",), prompt)
     if config.eval_dataset is not None:
         ctx.require_columns(config.eval_dataset, ("eval_dataset",), {**prompt, **ctx.rule_columns(config.rewards)})
+    for key in ("dataset", "eval_dataset"):
+        ctx.check_rows(getattr(config, key), (key,), prompt_needs(config.rewards, ctx.base_dir))
     ctx.check_model(config.reward_model, ("reward_model",))
     ctx.check_model(config.value_model, ("value_model",))
     ctx.check_lora(config.lora)
     ctx.check_lora(config.value_lora, ("value_lora",))
+    ctx.check_context(ctx.model_spec(config), config, ("response_length",))
+    # The critic reads the policy's token ids, so it must share the policy's vocabulary (the reward
+    # model re-tokenises the text itself and need not).
+    critic_key = "value_model" if config.value_model is not None else "reward_model"
+    critic = config.value_model or config.reward_model
+    if critic is not None and ctx.check_models:
+        problem = vocabulary_mismatch(ctx.origin_model(ctx.model_spec(config)), ctx.origin_model(critic), ctx.base_dir,
+                                      ("policy", "critic"))
+        if problem:
+            ctx.error((critic_key,), f"the critic starts from {critic_key} and reads the policy's token ids, so they "
+                      f"must share a vocabulary: {problem}" + ("; set value_model to a model with the policy's "
+                      "tokenizer" if critic_key == "reward_model" else ""))
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -192,6 +234,15 @@ def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def _check_critic_vocabulary(policy: nn.Module, critic: nn.Module) -> None:
+    """The critic reads the policy's token ids, so it must embed the same vocabulary."""
+    sizes = [m.get_input_embeddings().num_embeddings for m in (policy, critic)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the critic embeds {sizes[1]} tokens but the policy's vocabulary has {sizes[0]}: the critic "
+                         "reads the policy's token ids, so start it (value_model, else reward_model) from a model with "
+                         "the policy's tokenizer")
 
 
 def _seq_cls_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -214,17 +265,17 @@ def _actor_critic_class() -> type:
             self.policy = policy
             self.critic = critic
 
-        def forward(self, batch: dict[str, Tensor], response_length: int, temperature: float, *,
+        def forward(self, batch: dict[str, Tensor], response_length: int, *,
                     policy: bool = True, critic: bool = True) -> tuple[Tensor | None, Tensor | None]:
-            """Logits (÷ temperature) and values for the `response_length` response positions; either
-            part can be skipped (None)."""
-            logits = _policy_logits(self.policy, batch, response_length, temperature) if policy else None
+            """Logits and values for the `response_length` response positions; either part can be
+            skipped (None)."""
+            logits = _policy_logits(self.policy, batch, response_length) if policy else None
             return logits, _values(self.critic, batch, response_length) if critic else None
 
     return _ActorCritic
 
 
-def _policy_logits(policy: nn.Module, batch: dict[str, Tensor], response_length: int, temperature: float) -> Tensor:
+def _policy_logits(policy: nn.Module, batch: dict[str, Tensor], response_length: int) -> Tensor:
     # logits_to_keep skips the LM head on prompt positions; position t predicts token t + 1.
     out = policy(
         input_ids=batch["input_ids"],
@@ -233,7 +284,9 @@ def _policy_logits(policy: nn.Module, batch: dict[str, Tensor], response_length:
         logits_to_keep=response_length + 1,
         use_cache=False,
     )
-    return out.logits[:, :-1].float() / temperature
+    # Raw logits in the compute dtype: the log-prob functions upcast and divide by the temperature
+    # chunk by chunk, so no full float32 copy of a [B, T, V] tensor is made here.
+    return out.logits[:, :-1]
 
 
 def _values(critic: nn.Module, batch: dict[str, Tensor], response_length: int) -> Tensor:
@@ -284,19 +337,63 @@ def _full_batch(query_ids: Tensor, query_mask: Tensor, responses: Tensor, mask: 
     return {"input_ids": torch.cat([query_ids, responses], dim=1), "attention_mask": attention, "position_ids": positions}
 
 
-def _prompt_stream(n: int, per_process: int, accelerator: Any, seed: int) -> Any:
+class PromptStream:
     """Endless per-process index batches: one seeded shuffle per epoch, the same on every process,
-    each process taking its own slice of every global batch."""
-    import torch
+    each process taking its own slice of every global batch. Its position is part of PPO's
+    checkpoint (`state_dict`), so a resumed run sees the prompts the uninterrupted one would."""
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    while True:
-        while len(order) < per_process * world:
-            order += torch.randperm(n, generator=generator).tolist()
-        global_batch, order = order[: per_process * world], order[per_process * world :]
-        yield global_batch[rank * per_process : (rank + 1) * per_process]
+    def __init__(self, n: int, per_process: int, world: int, rank: int, seed: int) -> None:
+        import torch
+
+        if n == 0:
+            raise ValueError("the dataset has no prompts to train on")
+        self.n, self.per_process, self.world, self.rank = n, per_process, world, rank
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def __next__(self) -> list[int]:
+        import torch
+
+        while len(self.order) < self.per_process * self.world:
+            self.order += torch.randperm(self.n, generator=self.generator).tolist()
+        global_batch, self.order = self.order[: self.per_process * self.world], self.order[self.per_process * self.world :]
+        return global_batch[self.rank * self.per_process : (self.rank + 1) * self.per_process]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = list(state["order"])
+
+
+@dataclass
+class LoopState:
+    """What PPO's loop carries from one step to the next, beside the weights, optimiser, scheduler and
+    RNG states that Accelerate's `save_state` writes itself: checkpointed with them, so a resumed run
+    continues exactly where the interrupted one stopped."""
+
+    kl_controller: Any
+    moments: Any  # RunningMoments, or None without normalize_reward
+    stream: PromptStream
+    step: int = 0
+    first_score: float = math.nan
+    last_score: float = math.nan
+    results: dict[str, Any] = field(default_factory=dict)  # held-out figures from before training
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "first_score": self.first_score, "last_score": self.last_score,
+                "results": dict(self.results), "kl_controller": self.kl_controller.state_dict(),
+                "moments": self.moments.state_dict() if self.moments is not None else None,
+                "stream": self.stream.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.first_score, self.last_score = state["step"], state["first_score"], state["last_score"]
+        self.results = dict(state["results"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        if self.moments is not None and state["moments"] is not None:
+            self.moments.load_state_dict(state["moments"])
+        self.stream.load_state_dict(state["stream"])
 
 
 def _whiten(accelerator: Any, x: Tensor, mask: Tensor) -> Tensor:
@@ -337,22 +434,22 @@ def _backward_ppo_losses(actor_critic: nn.Module, backward: Any, micro_batch: tu
     width = responses.shape[1]
 
     def actor_loss(logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return policy_loss(logprobs_from_logits(logits, responses), old_logp, advantages, mask, config.cliprange,
+        return policy_loss(logprobs_from_logits(logits, responses, temperature=config.temperature), old_logp, advantages, mask, config.cliprange,
                            config.cliprange_high, config.dual_clip)
 
     def critic_loss(values: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return value_loss(values, old_values, returns, mask, config.cliprange_value)
 
     if one_backward:
-        logits, values = actor_critic(batch, width, config.temperature)
+        logits, values = actor_critic(batch, width)
         (pg_loss, pg_stats), (vf_loss, vf_stats) = actor_loss(logits), critic_loss(values)
         backward(actor_weight * pg_loss + config.vf_coef * vf_loss)
         return pg_loss, vf_loss, pg_stats, vf_stats
-    logits, _ = actor_critic(batch, width, config.temperature, critic=False)
+    logits, _ = actor_critic(batch, width, critic=False)
     pg_loss, pg_stats = actor_loss(logits)
     backward(actor_weight * pg_loss)
     del logits  # the actor's activations are freed before the critic's forward
-    _, values = actor_critic(batch, width, config.temperature, policy=False)
+    _, values = actor_critic(batch, width, policy=False)
     vf_loss, vf_stats = critic_loss(values)
     backward(config.vf_coef * vf_loss)
     return pg_loss, vf_loss, pg_stats, vf_stats
@@ -364,155 +461,207 @@ def _backward_ppo_losses(actor_critic: nn.Module, backward: Any, micro_batch: tu
 
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
-    from transformers import get_scheduler
+    return PPORun(config, ctx).train()
 
-    from align.rl.functional import (
-        AdaptiveKLController,
-        FixedKLController,
-        RunningMoments,
-        clip_scores,
-        compute_gae,
-        entropy_from_logits,
-        explained_variance,
-        kl_penalty,
-        logprobs_from_logits,
-        masked_mean,
-        masked_sum,
-        masked_whiten,
-        per_token_rewards,
-    )
 
-    assert config.model is not None
-    accelerator = Accelerator(
-        cpu=device() == "cpu",
-        mixed_precision="bf16" if use_bf16(config.bf16) else "no",
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-    )
-    set_seed(ctx.seed, device_specific=True)  # different samples on every process
-    is_main = accelerator.is_main_process
+class PPORun:
+    """One PPO stage, top to bottom: `__init__` builds the models, data, optimiser and the loop's
+    state (resuming from the newest complete checkpoint when an earlier attempt left one), `train`
+    runs the steps — rollout, scoring, advantages, the clipped updates — checkpointing every
+    `save_steps` and when a signal asks it to stop, and `finish` evaluates and saves the policy."""
 
-    # ---- models -----------------------------------------------------------------------------
-    tokenizer = load_tokenizer(config.model, padding_side="left")
-    policy = load_trainable(config.model, config.lora, wrap_lora=True,
-                            gradient_checkpointing=use_gradient_checkpointing(config.gradient_checkpointing)).model
-    _disable_dropout(policy)
-    # With LoRA the reference is the policy with its adapter disabled: no second copy.
-    reference = None if config.lora else load_causal_lm(config.model).requires_grad_(False).eval().to(accelerator.device)
-    scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
-                          reward_model_batch_size=config.local_rollout_forward_batch_size)  # fmt: skip
-    critic = load_trainable(config.value_model or config.reward_model or config.model, config.value_lora,
-                            task="sequence_classification", wrap_lora=True).model  # fmt: skip
-    _disable_dropout(critic)
-    eos_ids, pad_id = eos_and_pad_ids(policy, tokenizer)
+    def __init__(self, config: Config, ctx: StageContext) -> None:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType, set_seed
+        from transformers import get_scheduler
 
-    # ---- data ---------------------------------------------------------------------------------
-    def prompt_table(spec: Any) -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
-        data = load_dataset(spec, ctx.base_dir, ctx.seed)
-        prompts = [chat_prompt(p, config.system_prompt, config.conversational) for p in data["prompt"]]
+        from align.rl.functional import AdaptiveKLController, FixedKLController, RunningMoments
+
+        assert config.model is not None
+        self.config, self.ctx = config, ctx
+        precision = config.precision()
+        trackers = accelerate_trackers(config.report_to, ctx.out_dir, config.name)
+        # Accelerate keeps one process-wide state: an earlier in-process stage may have set another
+        # mixed precision, which Accelerator() would refuse to change (transformers' Trainer resets it too).
+        AcceleratorState._reset_state()
+        self.accelerator = accelerator = Accelerator(
+            cpu=device() == "cpu",
+            mixed_precision=precision.mixed,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=trackers or None,
+        )
+        if trackers:
+            accelerator.init_trackers(config.name, config=flat_config(config.model_dump(mode="json")))
+        set_seed(ctx.seed, device_specific=True)  # different samples on every process
+        self.is_main = accelerator.is_main_process
+
+        # ---- models -------------------------------------------------------------------------
+        self.tokenizer = load_tokenizer(config.model, padding_side="left")
+        policy = load_trainable(config.model, config.lora, precision=precision, wrap_lora=True,
+                                gradient_checkpointing=use_gradient_checkpointing(config.gradient_checkpointing)).model
+        _disable_dropout(policy)  # after LoRA is applied: its dropout too would make ratio ≠ 1 at the start
+        # With LoRA the reference is the policy with its adapter disabled: no second copy. Otherwise a copy
+        # in the policy's own dtype, so that under the same autocast the KL starts at exactly 0.
+        self.reference = (None if config.lora else load_causal_lm(config.model, precision=precision, trainable=True)
+                          .requires_grad_(False).eval().to(accelerator.device))
+        self.scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
+                                   reward_model_batch_size=config.local_rollout_forward_batch_size, precision=precision,
+                                   seed=ctx.seed, max_rule_failure_rate=config.max_rule_failure_rate,
+                                   rule_failure_min_samples=config.rule_failure_min_samples)  # fmt: skip
+        critic = load_trainable(config.value_model or config.reward_model or config.model, config.value_lora,
+                                precision=precision, task="sequence_classification", seed=ctx.seed,
+                                wrap_lora=True).model  # fmt: skip
+        _disable_dropout(critic)
+        _check_critic_vocabulary(policy, critic)
+        use_stop_tokens(policy, self.tokenizer, config.model)  # rollouts end there, and the saved model keeps them
+        self.eos_ids, self.pad_id = eos_and_pad_ids(policy, self.tokenizer)
+
+        # ---- data -----------------------------------------------------------------------------
+        self.ledger = RowLedger()  # rows dropped under on_bad_rows: skip
+        self.table = self.prompt_table(config.dataset)
+        self.eval_table = self.prompt_table(config.eval_dataset, "eval_dataset") if config.eval_dataset is not None else None
+        self.micro = config.per_device_train_batch_size
+        self.mini = self.micro * config.gradient_accumulation_steps
+        local_batch = self.mini * config.num_mini_batches
+        self.global_batch = local_batch * accelerator.num_processes
+        if config.max_steps > 0:
+            self.total_steps = config.max_steps
+        else:
+            episodes = config.total_episodes or int(config.num_train_epochs * len(self.table[0]))
+            self.total_steps = max(1, math.ceil(episodes / self.global_batch))
+
+        # ---- optimiser ------------------------------------------------------------------------
+        actor_critic = _actor_critic_class()(policy, critic)
+        groups = [
+            {"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.learning_rate},
+            {"params": [p for p in critic.parameters() if p.requires_grad],
+             "lr": config.value_learning_rate or config.learning_rate},
+        ]
+        optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                                  num_warmup_steps=warmup_step_count(config.warmup_steps, self.total_steps),
+                                  num_training_steps=self.total_steps)
+        if accelerator.state.deepspeed_plugin is not None:
+            # DeepSpeed takes its micro-batch size from a prepared dataloader, and PPO has none.
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.micro
+        self.actor_critic, self.optimizer, self.scheduler = accelerator.prepare(actor_critic, optimizer, scheduler)
+        self.actor_params = groups[0]["params"]
+        # A DDP or DeepSpeed engine expects one backward per step; alone, the two passes halve peak memory.
+        self.one_backward = accelerator.distributed_type != DistributedType.NO
+
+        # ---- the loop's own state, checkpointed with the rest --------------------------------------
+        kl_controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+                         if config.kl_target is not None else FixedKLController(config.kl_coef))
+        self.state = LoopState(kl_controller, RunningMoments() if config.normalize_reward else None,
+                               PromptStream(len(self.table[0]), local_batch, accelerator.num_processes,
+                                            accelerator.process_index, ctx.seed))  # fmt: skip
+        accelerator.register_for_checkpointing(self.state)
+        self.work_dir = ctx.artifact("trainer")
+        every = config.save_steps
+        self.save_every = max(1, math.ceil(every * self.total_steps)) if every < 1 else int(every)
+        self.resumed_from = self.resume()
+
+    # ---- pieces -----------------------------------------------------------------------------------
+
+    def unwrapped(self) -> Any:
+        return self.accelerator.unwrap_model(self.actor_critic)
+
+    def prompt_table(self, spec: Any, key: str = "dataset") -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
+        """Prompts as the model sees them, their token ids, and the other columns (for the rules)."""
+        data = load_dataset(spec, self.ctx.base_dir, self.ctx.seed, need=prompt_needs(self.config.rewards, self.ctx.base_dir),
+                            ledger=self.ledger, key=key)  # fmt: skip
+        prompts = [chat_prompt(p, self.config.system_prompt, self.config.conversational) for p in data["prompt"]]
         columns = {c: data[c] for c in data.column_names if c != "prompt"}
-        return prompts, encode_prompts(tokenizer, prompts), columns
+        return prompts, encode_prompts(self.tokenizer, prompts), columns
 
-    prompts, encoded, columns = prompt_table(config.dataset)
-    micro = config.per_device_train_batch_size
-    mini = micro * config.gradient_accumulation_steps
-    local_batch = mini * config.num_mini_batches
-    global_batch = local_batch * accelerator.num_processes
-    if config.max_steps > 0:
-        total_steps = config.max_steps
-    else:
-        episodes = config.total_episodes or int(config.num_train_epochs * len(prompts))
-        total_steps = max(1, math.ceil(episodes / global_batch))
-    stream = _prompt_stream(len(prompts), local_batch, accelerator, ctx.seed)
+    def reference_logits(self, batch: dict[str, Tensor], response_length: int) -> Tensor:
+        if self.reference is not None:
+            return _policy_logits(self.reference, batch, response_length)
+        with self.unwrapped().policy.disable_adapter():
+            return _policy_logits(self.unwrapped().policy, batch, response_length)
 
-    # ---- optimiser ------------------------------------------------------------------------------
-    actor_critic = _actor_critic_class()(policy, critic)
-    groups = [
-        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.learning_rate},
-        {"params": [p for p in critic.parameters() if p.requires_grad],
-         "lr": config.value_learning_rate or config.learning_rate},
-    ]
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
-                              num_warmup_steps=warmup_step_count(config.warmup_steps, total_steps),
-                              num_training_steps=total_steps)
-    if accelerator.state.deepspeed_plugin is not None:
-        # DeepSpeed takes its micro-batch size from a prepared dataloader, and PPO has none.
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
-    actor_critic, optimizer, scheduler = accelerator.prepare(actor_critic, optimizer, scheduler)
-    actor_params = groups[0]["params"]
-
-    def unwrapped() -> Any:
-        return accelerator.unwrap_model(actor_critic)
-
-    def reference_logits(batch: dict[str, Tensor], response_length: int) -> Tensor:
-        if reference is not None:
-            return _policy_logits(reference, batch, response_length, config.temperature)
-        with unwrapped().policy.disable_adapter():
-            return _policy_logits(unwrapped().policy, batch, response_length, config.temperature)
-
-    # A DDP or DeepSpeed engine expects one backward per step; alone, the two passes halve peak memory.
-    one_backward = accelerator.distributed_type != DistributedType.NO
-
-    kl_controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-                     if config.kl_target is not None else FixedKLController(config.kl_coef))
-    moments = RunningMoments() if config.normalize_reward else None
-
-    # ---- rollout ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def rollout(queries: list[list[int]], temperature: float) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, list[str]]:
+    # Rollout, log-prob and evaluation passes run under the same autocast as the training forward
+    # (Accelerate wraps the prepared model's forward in it), or the first update's ratio is not 1.
+    def rollout(self, queries: list[list[int]], temperature: float) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, list[str]]:
         """Generate for prompt token lists in chunks; returns full batch, responses, mask, finished, texts."""
-        out = generate_rollout(unwrapped().policy, queries, chunk_size=config.local_rollout_forward_batch_size,
-                               max_new_tokens=config.response_length, eos_ids=eos_ids, pad_id=pad_id,
-                               temperature=temperature)  # fmt: skip
+        import torch
+
+        config = self.config
+        with torch.no_grad(), self.accelerator.autocast():
+            out = generate_rollout(self.unwrapped().policy, queries, chunk_size=config.local_rollout_forward_batch_size,
+                                   max_new_tokens=config.response_length, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                   temperature=temperature)  # fmt: skip
         responses, mask = out.response_ids, out.response_mask
-        texts = tokenizer.batch_decode(torch.where(mask, responses, pad_id), skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(torch.where(mask, responses, self.pad_id), skip_special_tokens=True)
         return _full_batch(out.query_ids, out.query_mask, responses, mask), responses, mask, out.finished, texts
 
-    @torch.no_grad()
-    def forward_in_chunks(batch: dict[str, Tensor], responses: Tensor, with_values: bool = True
+    def forward_in_chunks(self, batch: dict[str, Tensor], responses: Tensor, with_values: bool = True
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Log-probs of policy and reference, policy entropy and values, chunk by chunk."""
+        import torch
+
+        from align.rl.functional import entropy_from_logits, logprobs_from_logits
+
+        config = self.config
         width = responses.shape[1]
+        chunk = config.logits_chunk_size
+        size = config.local_rollout_forward_batch_size
         outs: dict[str, list[Tensor]] = {"logp": [], "ref": [], "entropy": [], "values": []}
-        model = unwrapped()
-        for start in range(0, responses.shape[0], config.local_rollout_forward_batch_size):
-            part = {k: v[start : start + config.local_rollout_forward_batch_size] for k, v in batch.items()}
-            labels = responses[start : start + config.local_rollout_forward_batch_size]
-            logits = _policy_logits(model.policy, part, width, config.temperature)
-            outs["logp"].append(logprobs_from_logits(logits, labels))
-            outs["entropy"].append(entropy_from_logits(logits))
-            del logits  # one [chunk, T, V] logits tensor alive at a time, not the policy's and the reference's
-            outs["ref"].append(logprobs_from_logits(reference_logits(part, width), labels))
-            if with_values:
-                outs["values"].append(_values(model.critic, part, width))
+        model = self.unwrapped()
+        with torch.no_grad(), self.accelerator.autocast():
+            for start in range(0, responses.shape[0], size):
+                part = {k: v[start : start + size] for k, v in batch.items()}
+                labels = responses[start : start + size]
+                logits = _policy_logits(model.policy, part, width)
+                outs["logp"].append(logprobs_from_logits(logits, labels, chunk, temperature=config.temperature))
+                outs["entropy"].append(entropy_from_logits(logits, chunk, temperature=config.temperature))
+                del logits  # one [chunk, T, V] logits tensor alive at a time, not the policy's and the reference's
+                outs["ref"].append(logprobs_from_logits(self.reference_logits(part, width), labels, chunk,
+                                                        temperature=config.temperature))
+                if with_values:
+                    outs["values"].append(_values(model.critic, part, width))
         cat = {k: torch.cat(v) if v else None for k, v in outs.items()}
         return cat["logp"], cat["ref"], cat["entropy"], cat["values"]
 
-    def score(rows: list[int], texts: list[str], responses: Tensor, mask: Tensor,
+    def score(self, rows: list[int], texts: list[str], responses: Tensor, mask: Tensor,
               table: tuple[list[Any], list[list[int]], dict[str, list[Any]]]) -> tuple[Tensor, dict[str, Tensor]]:
+        import torch
+
         row_prompts, _, row_columns = table
         ids = [r[m].tolist() for r, m in zip(responses.cpu(), mask.cpu(), strict=True)]
-        scores = scorer([row_prompts[i] for i in rows], texts, completion_ids=ids,
-                        columns={c: [v[i] for i in rows] for c, v in row_columns.items()})  # fmt: skip
+        scores = self.scorer([row_prompts[i] for i in rows], texts, completion_ids=ids,
+                             columns={c: [v[i] for i in rows] for c, v in row_columns.items()})  # fmt: skip
         parts = {name: torch.tensor([math.nan if v is None else float(v) for v in values])
                  for name, values in scores.parts.items()}  # fmt: skip
         return torch.tensor(scores.total), parts
 
-    def make_experience(rows: list[int]) -> Experience:
-        batch, responses, mask, finished, texts = rollout([encoded[i] for i in rows], config.temperature)
-        logprobs, ref_logprobs, entropy, values = forward_in_chunks(batch, responses)
-        scores, parts = score(rows, texts, responses, mask, (prompts, encoded, columns))
+    def make_experience(self, rows: list[int]) -> Experience:
+        from align.rl.functional import (
+            clip_scores,
+            compute_gae,
+            explained_variance,
+            masked_mean,
+            masked_sum,
+            masked_whiten,
+            per_token_rewards,
+        )
+
+        config, accelerator, state = self.config, self.accelerator, self.state
+        prompts, encoded, _ = self.table
+        batch, responses, mask, finished, texts = self.rollout([encoded[i] for i in rows], config.temperature)
+        logprobs, ref_logprobs, entropy, values = self.forward_in_chunks(batch, responses)
+        scores, parts = self.score(rows, texts, responses, mask, self.table)
         if config.missing_eos_penalty is not None:
             scores = scores - config.missing_eos_penalty * (~finished.cpu()).float()
         raw_scores = scores.clone()
-        if moments is not None:
-            moments.update(accelerator.gather(scores.to(accelerator.device)).cpu())
-            scores = moments.normalize(scores)
+        if state.moments is not None:
+            state.moments.update(accelerator.gather(scores.to(accelerator.device)).cpu())
+            scores = state.moments.normalize(scores)
         scores = clip_scores(scores, config.score_clip).to(accelerator.device)
-        rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_controller.value, config.kl_estimator)
+        rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, state.kl_controller.value,
+                                        config.kl_estimator)  # fmt: skip
         if config.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = compute_gae(rewards, values, mask, config.gamma, config.lam)
@@ -528,64 +677,54 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
                           {**stats, "explained_variance": explained_variance(values, returns, mask).reshape(1)},
                           texts, [prompts[i] for i in rows])
 
-    # ---- held-out evaluation ---------------------------------------------------------------------
-    eval_table = prompt_table(config.eval_dataset) if config.eval_dataset is not None else None
-
-    def evaluate() -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """Greedy responses scored by the reward(s); sampled responses for KL to the reference."""
-        assert eval_table is not None
-        rows = list(range(accelerator.process_index, len(eval_table[0]), accelerator.num_processes))
-        queries = [eval_table[1][i] for i in rows]
-        batch, responses, mask, _, texts = rollout(queries, 0.0)
-        scores, parts = score(rows, texts, responses, mask, eval_table)
-        batch, responses, mask, _, _ = rollout(queries, config.temperature)
-        logp, ref_logp, _, _ = forward_in_chunks(batch, responses, with_values=False)
+        from align.rl.functional import kl_penalty, masked_sum
+
+        table, accelerator = self.eval_table, self.accelerator
+        assert table is not None
+        rows = list(range(accelerator.process_index, len(table[0]), accelerator.num_processes))
+        queries = [table[1][i] for i in rows]
+        batch, responses, mask, _, texts = self.rollout(queries, 0.0)
+        scores, parts = self.score(rows, texts, responses, mask, table)
+        batch, responses, mask, _, _ = self.rollout(queries, self.config.temperature)
+        logp, ref_logp, _, _ = self.forward_in_chunks(batch, responses, with_values=False)
         kl = masked_sum(kl_penalty(logp, ref_logp, "k1"), mask, dim=1)
         out = {"score": _mean(accelerator, scores), "kl": _mean(accelerator, kl)}
         out.update({f"score/{k}": _mean(accelerator, v) for k, v in parts.items()})
         return out
 
-    results: dict[str, Any] = {}
-    if eval_table is not None:
-        before = evaluate()
-        results.update({f"eval_{k.replace('/', '_')}_before": round(v, 4) for k, v in before.items() if k != "kl"})
-        if is_main:
-            ctx.metrics.log(EVAL, 0, **before)
+    def log_eval(self, step: int, figures: dict[str, float]) -> None:
+        if self.is_main:
+            self.ctx.metrics.log(EVAL, step, **figures)
+            self.accelerator.log({f"eval/{k}": v for k, v in figures.items()}, step=step)
 
-    # ---- training ---------------------------------------------------------------------------------
-    logger.info("ppo: %d steps × %d rollouts (%s actor, %s critic) on %d process(es), %s", total_steps, global_batch,
-                "LoRA" if config.lora else "full", "LoRA" if config.value_lora else "full",
-                accelerator.num_processes, accelerator.distributed_type.value)
-    started = time.perf_counter()
-    first_score = last_score = math.nan
-    for step in range(1, total_steps + 1):
-        step_start = time.perf_counter()
-        unwrapped().eval()
-        experience = make_experience(next(stream))
-        unwrapped().train()
-        actor_learns = step > config.critic_warmup_steps
+    def update(self, experience: Experience, actor_learns: bool) -> tuple[dict[str, Tensor], int]:
+        """`num_ppo_epochs` passes of clipped updates over shuffled mini-batches; summed statistics."""
+        import torch
 
+        config, accelerator = self.config, self.accelerator
         sums: dict[str, Tensor] = {}
         updates = 0
         for _ in range(config.num_ppo_epochs):
             order = torch.randperm(len(experience))
-            for mb_start in range(0, len(experience), mini):
-                for mu_start in range(mb_start, mb_start + mini, micro):
-                    index = order[mu_start : mu_start + micro]
-                    with accelerator.accumulate(actor_critic):
+            for mb_start in range(0, len(experience), self.mini):
+                for mu_start in range(mb_start, mb_start + self.mini, self.micro):
+                    index = order[mu_start : mu_start + self.micro]
+                    with accelerator.accumulate(self.actor_critic):
                         # × 0 during critic warm-up keeps the actor in the graph (DDP expects every parameter).
                         actor_weight = 1.0 if actor_learns else 0.0
                         pg_loss, vf_loss, pg_stats, vf_stats = _backward_ppo_losses(
-                            actor_critic, accelerator.backward, experience.micro(index), config, actor_weight,
-                            one_backward=one_backward)
+                            self.actor_critic, accelerator.backward, experience.micro(index), config, actor_weight,
+                            one_backward=self.one_backward)
                         if accelerator.sync_gradients:
                             if config.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(actor_critic.parameters(), config.max_grad_norm)
+                                accelerator.clip_grad_norm_(self.actor_critic.parameters(), config.max_grad_norm)
                             if not actor_learns:
-                                for p in actor_params:
+                                for p in self.actor_params:
                                     p.grad = None  # AdamW then leaves the actor (and its moments) untouched
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
                     for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss),
                                        ("policy_clip_fraction", pg_stats["clip_fraction"]),
                                        ("dual_clip_fraction", pg_stats["dual_clip_fraction"]),
@@ -593,57 +732,132 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
                                        ("value_clip_fraction", vf_stats["clip_fraction"])):
                         sums[key] = sums.get(key, 0.0) + value.detach()
                     updates += 1
-        learning_rate = scheduler.get_last_lr()[0]
-        scheduler.step()
-        mean_kl = _mean(accelerator, experience.stats["kl"])
-        kl_coef = kl_controller.value
-        kl_controller.update(mean_kl, global_batch)
-        step_time = time.perf_counter() - step_start
-        mean_score = _mean(accelerator, experience.stats["score"])
-        first_score = mean_score if step == 1 else first_score
-        last_score = mean_score
+        return sums, updates
 
-        if step % config.logging_steps == 0 or step in (1, total_steps):
-            record: dict[str, Any] = {"episodes": step * global_batch}
-            record.update({k: _mean(accelerator, v) for k, v in experience.stats.items()})
-            record.update({k: _mean(accelerator, v / updates) for k, v in sums.items()})
-            record.update({"kl_coef": kl_coef, "learning_rate": learning_rate, "step_time_s": step_time})
-            if is_main:
-                ctx.metrics.log(TRAIN, step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
-                parts = {k.removeprefix("score/"): v for k, v in experience.stats.items() if k.startswith("score/")}
-                for i in range(min(config.num_sample_rollouts, len(experience))):
-                    prompt = experience.prompts[i]
-                    rewards = {"score": round(float(experience.stats["score"][i]), 4),
-                               **{k: round(float(v[i]), 4) for k, v in parts.items()}}
-                    ctx.metrics.log(SAMPLE, step, prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"],
-                                    completion=experience.texts[i], rewards=rewards)  # fmt: skip
-                logger.info("ppo step %d/%d: score %.3f kl %.3f %.2fs", step, total_steps, record["score"],
-                            record["kl"], step_time)
-        if eval_table is not None and config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
-            evaluation = evaluate()
-            if is_main:
-                ctx.metrics.log(EVAL, step, **evaluation)
-    runtime = time.perf_counter() - started
+    def log_step(self, step: int, experience: Experience, sums: dict[str, Tensor], updates: int, kl_coef: float,
+                 learning_rate: float, step_time: float, progress: StageProgress) -> None:  # fmt: skip
+        config, accelerator = self.config, self.accelerator
+        record: dict[str, Any] = {"episodes": step * self.global_batch}
+        record.update({k: _mean(accelerator, v) for k, v in experience.stats.items()})
+        record.update({k: _mean(accelerator, v / updates) for k, v in sums.items()})
+        record.update({"kl_coef": kl_coef, "learning_rate": learning_rate, "step_time_s": step_time})
+        if not self.is_main:
+            return
+        self.ctx.metrics.log(TRAIN, step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+        accelerator.log({f"train/{k}": v for k, v in record.items()}, step=step)
+        progress.summary(record, step)
+        parts = {k.removeprefix("score/"): v for k, v in experience.stats.items() if k.startswith("score/")}
+        for i in range(min(config.num_sample_rollouts, len(experience))):
+            prompt = experience.prompts[i]
+            rewards = {"score": round(float(experience.stats["score"][i]), 4),
+                       **{k: round(float(v[i]), 4) for k, v in parts.items()}}
+            self.ctx.metrics.log(SAMPLE, step, prompt=prompt if isinstance(prompt, str) else prompt[-1]["content"],
+                                 completion=experience.texts[i], rewards=rewards)  # fmt: skip
 
-    if eval_table is not None:
-        unwrapped().eval()
-        after = evaluate()
-        results.update({f"eval_{k.replace('/', '_')}_after": round(v, 4) for k, v in after.items()})
-        if is_main:
-            ctx.metrics.log(EVAL, total_steps, **after)
+    # ---- checkpoints --------------------------------------------------------------------------------
 
-    # ---- save ---------------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    if is_main:
-        save_model(unwrapped().policy, tokenizer, ctx.artifact(ARTIFACTS["model"]),
-                   merge=bool(config.lora and config.lora.merge))
-    return {
-        "steps": total_steps,
-        "episodes": total_steps * global_batch,
-        "num_processes": accelerator.num_processes,
-        "first_score": round(first_score, 4),
-        "last_score": round(last_score, 4),
-        **results,
-        "train_runtime_s": round(runtime, 2),
-        "s_per_step": round(runtime / total_steps, 4),
-    }
+    def save_checkpoint(self) -> None:
+        """Weights, optimiser, scheduler, every process's RNG and the loop's state, via Accelerate;
+        it counts once marked complete (after every rank wrote its part)."""
+        folder = checkpoint_dir(self.work_dir, self.state.step)
+        self.accelerator.save_state(str(folder))
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            mark_complete(folder)
+            prune(self.work_dir, self.config.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    def resume(self) -> int | None:
+        """Load the newest complete checkpoint an earlier attempt left; returns its step (None: fresh)."""
+        checkpoint = latest_checkpoint(self.work_dir)
+        if checkpoint is None:
+            return None
+        self.accelerator.load_state(str(checkpoint))
+        logger.info("ppo: resuming from %s (step %d of %d)", checkpoint, self.state.step, self.total_steps)
+        if self.is_main:
+            drop_metrics_after(self.ctx.metrics.path, self.state.step)
+        return self.state.step
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        import torch
+
+        from align.training import TrainingDiverged
+
+        config, accelerator, state = self.config, self.accelerator, self.state
+        if self.eval_table is not None and state.step == 0:
+            before = self.evaluate()
+            state.results = {f"eval_{k.replace('/', '_')}_before": round(v, 4) for k, v in before.items() if k != "kl"}
+            self.log_eval(0, before)
+        logger.info("ppo: %d steps × %d rollouts (%s actor, %s critic) on %d process(es), %s", self.total_steps,
+                    self.global_batch, "LoRA" if config.lora else "full", "LoRA" if config.value_lora else "full",
+                    accelerator.num_processes, accelerator.distributed_type.value)
+        started = time.perf_counter()
+        progress = StageProgress(self.ctx.out_dir, config.name, self.total_steps, main_process=self.is_main)
+        while state.step < self.total_steps:
+            step = state.step + 1
+            step_start = time.perf_counter()
+            self.unwrapped().eval()
+            experience = self.make_experience(next(state.stream))
+            self.unwrapped().train()
+            sums, updates = self.update(experience, actor_learns=step > config.critic_warmup_steps)
+            if not all(bool(torch.isfinite(sums[k])) for k in ("policy_loss", "value_loss")):
+                raise TrainingDiverged(f"the PPO loss is not finite at step {step} (learning rate too high?); the last "
+                                       "complete checkpoint before it stays")
+            learning_rate = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            mean_kl = _mean(accelerator, experience.stats["kl"])
+            if config.max_kl is not None and mean_kl > config.max_kl:
+                raise TrainingDiverged(f"the KL to the reference is {mean_kl:.3g} nats per sequence at step {step}, "
+                                       f"beyond max_kl ({config.max_kl:g})")
+            kl_coef = state.kl_controller.value
+            state.kl_controller.update(mean_kl, self.global_batch)
+            mean_score = _mean(accelerator, experience.stats["score"])
+            state.first_score = mean_score if step == 1 else state.first_score
+            state.last_score = mean_score
+            state.step = step
+            progress.update(step)
+            if step % config.logging_steps == 0 or step in (1, self.total_steps):
+                self.log_step(step, experience, sums, updates, kl_coef, learning_rate,
+                              time.perf_counter() - step_start, progress)  # fmt: skip
+            if self.eval_table is not None and config.eval_steps and step % config.eval_steps == 0 and step != self.total_steps:
+                self.log_eval(step, self.evaluate())
+            stopping = stop_agreed()
+            if config.save_strategy == "steps" and step < self.total_steps and (step % self.save_every == 0 or stopping):
+                self.save_checkpoint()
+            if stopping and step < self.total_steps:
+                progress.close()
+                raise Interrupted(f"stopped by {signal_name()} at step {step} of {self.total_steps}, checkpoint written")
+        progress.close()
+        return self.finish(time.perf_counter() - started)
+
+    def finish(self, runtime: float) -> dict[str, Any]:
+        config, accelerator, state = self.config, self.accelerator, self.state
+        results = dict(state.results)
+        if self.eval_table is not None:
+            self.unwrapped().eval()
+            after = self.evaluate()
+            results.update({f"eval_{k.replace('/', '_')}_after": round(v, 4) for k, v in after.items()})
+            self.log_eval(self.total_steps, after)
+        accelerator.wait_for_everyone()
+        for tracker in accelerator.trackers:  # not end_training(): it also tears down the process group
+            tracker.finish()
+        if self.is_main:
+            save_model(self.unwrapped().policy, self.tokenizer, self.ctx.artifact(ARTIFACTS["model"]),
+                       merge=bool(config.lora and config.lora.merge), dtype=save_dtype(config.model))
+            shutil.rmtree(self.work_dir, ignore_errors=True)  # the checkpoints: the stage is done
+        return {
+            "steps": self.total_steps,
+            "episodes": self.total_steps * self.global_batch,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": str(accelerator.mixed_precision),
+            "first_score": round(state.first_score, 4),
+            "last_score": round(state.last_score, 4),
+            **results,
+            **({"resumed_from_step": self.resumed_from} if self.resumed_from else {}),
+            "train_runtime_s": round(runtime, 2),
+            "s_per_step": round(runtime / max(1, self.total_steps - (self.resumed_from or 0)), 4),
+            **self.scorer.failure_metrics("ppo"),
+            **self.ledger.metrics(),
+        }

@@ -28,7 +28,15 @@ provenance: `source` ("rejection_sampling" or "mix"), `source_model`, `sample_in
 prompt/completion) are added so they make up `mix_ratio` of the final dataset (R1: 200k of 800k =
 0.25); if the mix dataset is too small, all of it is used and the reached share is reported.
 
-Prompts with no accepted sample go to `rejected_prompts.jsonl` with their best score and why their
+`output: pairs` writes preference pairs instead, for a following `dpo` (or `reward_model`) stage —
+iterative, on-policy DPO from one recipe: after the same filters, a prompt's highest-scored sample
+is `chosen` and its lowest-scored one `rejected` (ties: the earlier sample is chosen, the later
+rejected), kept only when their weighted scores differ by at least `pair_margin`. Rows hold the
+prompt, its original columns, `chosen`/`rejected` (assistant messages for conversational prompts)
+and provenance: `chosen_score`/`rejected_score` (weighted), `chosen_scores`/`rejected_scores` (per
+reward), `chosen_index`/`rejected_index`, `score_gap`. The keep policy and mixing do not apply.
+
+Prompts with no accepted sample (no pair) go to `rejected_prompts.jsonl` with their best score and why their
 samples were dropped. Metrics: acceptance rate (kept samples / generated samples) overall and per
 `difficulty` value when the data has that column, prompts covered, zero-accepted prompts, drops per
 filter, mean rule scores, samples/s of generation.
@@ -45,14 +53,16 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, PrivateAttr, model_validator
 
-from align.artifacts import StageContext
-from align.data import chat_prompt, load_dataset
+from align.artifacts import ChunkedJsonl, StageContext
+from align.console import StageProgress
+from align.data import SFT_NEEDS, Needs, RowLedger, chat_prompt, load_dataset
 from align.generation import load_sampler
 from align.models import resolve_model_path
+from align.preempt import Interrupted, signal_name, stop_requested
 from align.recipe.checks import CheckContext
 from align.recipe.errors import did_you_mean
-from align.recipe.schema import Data, Model, RewardSpec, SamplingKnobs, StageConfig
-from align.rewards import REWARD_MODEL, Scorer, bind_rule, resolve_rule
+from align.recipe.schema import Data, Model, RewardSpec, RuleFailureKnobs, SamplingKnobs, StageConfig
+from align.rewards import REWARD_MODEL, Scorer, bind_rule, prompt_needs, resolve_rule
 from align.training import SFT_LAYOUTS, sft_layout
 
 logger = logging.getLogger("align")
@@ -60,11 +70,19 @@ logger = logging.getLogger("align")
 ARTIFACTS = {"dataset": "dataset.jsonl", "rejected_prompts": "rejected_prompts.jsonl"}
 KeepPolicy = Literal["all_pass", "best_of_n", "top_k", "threshold"]
 PROVENANCE_COLUMNS = frozenset({"source", "source_model", "sample_index", "score", "scores"})
+#: What a pair row adds to the prompt's columns (output: pairs).
+PAIR_COLUMNS = frozenset({"chosen", "rejected", "source", "source_model", "chosen_index", "rejected_index",
+                          "chosen_score", "rejected_score", "chosen_scores", "rejected_scores", "score_gap"})
+#: Keys of the keep policy and the mixing, meaningless when the stage writes pairs.
+SFT_ONLY_KEYS = frozenset({"keep", "thresholds", "pass_threshold", "keep_k", "score_threshold", "max_per_prompt",
+                           "mix_dataset", "mix_ratio"})
 #: Input columns the sample replaces: left in, SFT would train on the gold instead of the sample.
 REPLACED_COLUMNS = frozenset({"completion", "messages", "text"})
+#: The mix dataset's rows: a conversation, or a prompt and its completion.
+MIX_NEEDS = Needs(SFT_NEEDS.layouts[:2])
 
 
-class Config(StageConfig, SamplingKnobs):
+class Config(StageConfig, SamplingKnobs, RuleFailureKnobs):
     type: Literal["rejection_sampling"] = "rejection_sampling"
     dataset: Data = Field(description="Prompts (`prompt` column) plus the columns the rules read.")
     system_prompt: str | None = Field(default=None, description="Prepended to conversational prompts that lack one.")
@@ -80,7 +98,15 @@ class Config(StageConfig, SamplingKnobs):
     reward_model_weight: float = 1.0
     reward_model_batch_size: PositiveInt = 32
 
-    # keep policy
+    # what is written: SFT rows through the keep policy, or preference pairs (best vs worst) for dpo
+    output: Literal["sft", "pairs"] = Field(
+        default="sft", description="sft: kept samples as prompt/completion; pairs: best vs worst as chosen/rejected."
+    )
+    pair_margin: float = Field(
+        default=0.5, gt=0, description="pairs: the chosen sample's weighted score must beat the rejected's by this much."
+    )
+
+    # keep policy (output: sft)
     keep: KeepPolicy = "all_pass"
     thresholds: dict[str, float] = Field(
         default_factory=dict, description="all_pass: per-reward minimum by reward name (or 'reward_model')."
@@ -129,8 +155,11 @@ def check(config: Config, ctx: CheckContext) -> None:
 
     ctx.require_columns(config.dataset, ("dataset",), {"prompt": "completions are sampled from it"})
     ctx.check_rewards(config.rewards, config.dataset)
+    ctx.check_rows(config.dataset, ("dataset",), prompt_needs(config.rewards, ctx.base_dir))
+    ctx.check_rows(config.mix_dataset, ("mix_dataset",), MIX_NEEDS)
     ctx.check_model(config.reward_model, ("reward_model",))
     ctx.check_sampling(config, config.num_generations, "num_generations")
+    ctx.check_context(ctx.model_spec(config), config, ("max_completion_length",))
     config._input_columns = ctx.dataset_columns(config.dataset, ("dataset",))
     names = reward_names(config)
     scored = set(names) | ({REWARD_MODEL} if config.reward_model is not None else set())
@@ -138,7 +167,15 @@ def check(config: Config, ctx: CheckContext) -> None:
         if key not in scored:
             ctx.error(("thresholds", key), f"'{key}' is not a reward of this stage{did_you_mean(key, sorted(scored))}; "
                       f"rewards: {', '.join(sorted(scored))}")
-    if config.keep == "all_pass" and not config.rewards and REWARD_MODEL not in config.thresholds:
+    if config.output == "pairs":
+        for key in sorted(SFT_ONLY_KEYS & config.model_fields_set):
+            ctx.error((key,), f"{key} only applies to output: sft (the keep policy and the mix); pairs keep the "
+                      "best- and worst-scored sample of each prompt, at least pair_margin apart")
+        if config.num_generations < 2:
+            ctx.error(("num_generations",), "a pair needs at least 2 samples per prompt")
+    elif "pair_margin" in config.model_fields_set:
+        ctx.error(("pair_margin",), "pair_margin only applies to output: pairs")
+    if config.output == "sft" and config.keep == "all_pass" and not config.rewards and REWARD_MODEL not in config.thresholds:
         ctx.error(("keep",), "all_pass with only a reward model needs thresholds: {reward_model: <minimum score>}")
     if config.keep != "all_pass" and config.thresholds:
         ctx.error(("thresholds",), f"thresholds only apply to keep: all_pass (keep is {config.keep}); "
@@ -160,10 +197,14 @@ def check(config: Config, ctx: CheckContext) -> None:
 
 def output_columns(config: Config) -> set[str] | None:
     """Columns of the written dataset: the input's (minus a gold completion) plus the sample and its
-    provenance. None when the input's columns are unknown before running (hub data)."""
+    provenance, or plus the pair and its provenance. None when the input's columns are unknown before
+    running (hub data)."""
     if config._input_columns is None:
         return None
-    return (set(config._input_columns) - REPLACED_COLUMNS) | {"prompt", "completion"} | PROVENANCE_COLUMNS
+    kept = set(config._input_columns) - REPLACED_COLUMNS
+    if config.output == "pairs":
+        return (kept - {"chosen", "rejected"}) | {"prompt"} | PAIR_COLUMNS
+    return kept | {"prompt", "completion"} | PROVENANCE_COLUMNS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,9 +284,9 @@ def select_samples(
     return [c.index for c in ranked]
 
 
-def judge(samples: Sequence[Scored], rules: KeepRules) -> tuple[list[int], Counter[str]]:
-    """One prompt's samples through the filters, the keep policy and the cap, in that order.
-    Returns the kept indices (best first) and how many samples each step dropped."""
+def apply_filters(samples: Sequence[Scored], rules: KeepRules) -> tuple[list[Scored], Counter[str]]:
+    """The filters, in order (truncated, too long, language, duplicate): the samples left, and how
+    many each filter dropped."""
     dropped: Counter[str] = Counter()
     candidates: list[Scored] = []
     seen: set[str] = set()
@@ -263,6 +304,13 @@ def judge(samples: Sequence[Scored], rules: KeepRules) -> tuple[list[int], Count
         else:
             seen.add(key)
             candidates.append(s)
+    return candidates, dropped
+
+
+def judge(samples: Sequence[Scored], rules: KeepRules) -> tuple[list[int], Counter[str]]:
+    """One prompt's samples through the filters, the keep policy and the cap, in that order.
+    Returns the kept indices (best first) and how many samples each step dropped."""
+    candidates, dropped = apply_filters(samples, rules)
     kept = select_samples(candidates, rules.keep, thresholds=rules.thresholds, keep_k=rules.keep_k,
                           score_threshold=rules.score_threshold)  # fmt: skip
     dropped["policy"] += len(candidates) - len(kept)
@@ -270,6 +318,22 @@ def judge(samples: Sequence[Scored], rules: KeepRules) -> tuple[list[int], Count
         dropped["cap"] += len(kept) - rules.max_per_prompt
         kept = kept[: rules.max_per_prompt]  # best first, so the cap keeps the best
     return kept, +dropped
+
+
+def pick_pair(samples: Sequence[Scored], rules: KeepRules, margin: float) -> tuple[tuple[int, int] | None, Counter[str]]:
+    """A preference pair from one prompt's samples, after the same filters: (chosen, rejected) = the
+    highest and the lowest weighted score (ties: the lower index as chosen, the higher as rejected),
+    kept only when chosen − rejected ≥ `margin`. Returns the pair's indices (or None) and the drops:
+    the filters', `no_gap` (no two samples that far apart) and `unpaired` (the samples in between)."""
+    candidates, dropped = apply_filters(samples, rules)
+    if candidates:
+        best = min(candidates, key=lambda c: (-c.total, c.index))
+        worst = min(candidates, key=lambda c: (c.total, -c.index))
+        if best.total - worst.total >= margin:
+            dropped["unpaired"] += len(candidates) - 2
+            return (best.index, worst.index), +dropped
+        dropped["no_gap"] += len(candidates)
+    return None, +dropped
 
 
 def resolved_thresholds(config: Config) -> dict[str, float]:
@@ -345,6 +409,7 @@ class _Tally:
     by_difficulty: dict[Any, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     score_sums: Counter[str] = field(default_factory=Counter)
     score_counts: Counter[str] = field(default_factory=Counter)
+    gap_sum: float = 0.0  # output: pairs, Σ chosen − rejected weighted score
 
     def add(self, samples: list[Scored], kept: list[int], dropped: Counter[str], difficulty: Any) -> None:
         self.generated += len(samples)
@@ -360,6 +425,25 @@ class _Tally:
         if difficulty is not None:
             self.by_difficulty[difficulty][0] += len(samples)
             self.by_difficulty[difficulty][1] += len(kept)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts as JSON, for the chunk commits a resumed stage continues from."""
+        return {
+            "generated": self.generated, "accepted": self.accepted, "covered": self.covered, "zero": self.zero,
+            "dropped": dict(self.dropped), "score_sums": dict(self.score_sums), "score_counts": dict(self.score_counts),
+            "gap_sum": self.gap_sum,
+            # a list, not a dict: difficulty values need not be strings, and JSON keys are
+            "by_difficulty": [[d, g, a] for d, (g, a) in self.by_difficulty.items()],
+        }  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Tally:
+        tally = cls(generated=state["generated"], accepted=state["accepted"], covered=state["covered"],
+                    zero=state["zero"], dropped=Counter(state["dropped"]), score_sums=Counter(state["score_sums"]),
+                    score_counts=Counter(state["score_counts"]), gap_sum=state["gap_sum"])  # fmt: skip
+        for d, g, a in state["by_difficulty"]:
+            tally.by_difficulty[d] = [g, a]
+        return tally
 
     def metrics(self, num_prompts: int, mixed: int, generation_s: float) -> dict[str, Any]:
         return {
@@ -380,9 +464,17 @@ class _Tally:
                for d, (g, a) in sorted(self.by_difficulty.items())},
         }  # fmt: skip
 
+    def pair_metrics(self, num_prompts: int, generation_s: float) -> dict[str, Any]:
+        """output: pairs — a pair's two samples count as accepted; mixing does not apply."""
+        metrics = self.metrics(num_prompts, 0, generation_s)
+        for key in ("num_mixed", "mix_share"):
+            del metrics[key]
+        pairs = self.accepted // 2
+        metrics.update(num_rows=pairs, num_pairs=pairs, mean_score_gap=round(self.gap_sum / pairs, 4) if pairs else None)
+        return metrics
+
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
-    import json
     import os
     import random
 
@@ -392,53 +484,90 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         raise RuntimeError("rejection_sampling runs in one process; use launcher inprocess or subprocess "
                            "(with use_vllm and vllm_tensor_parallel_size for several GPUs)")
     model_spec = config.model
-    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
+    ledger = RowLedger()  # rows dropped under on_bad_rows: skip
+    dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=prompt_needs(config.rewards, ctx.base_dir),
+                           ledger=ledger)  # fmt: skip
     rules = KeepRules.from_config(config)
     scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
-                          reward_model_batch_size=config.reward_model_batch_size)  # fmt: skip
+                          reward_model_batch_size=config.reward_model_batch_size, seed=ctx.seed,
+                          max_rule_failure_rate=config.max_rule_failure_rate,
+                          rule_failure_min_samples=config.rule_failure_min_samples)  # fmt: skip
     language_rule = None
     if config.language is not None:
         language_rule = bind_rule(resolve_rule("language_consistency"), {"language": config.language,
                                                                            **config.language_params}, "language")
     source_model = resolve_model_path(model_spec.name_or_path, ctx.base_dir)
     sample = load_sampler(model_spec, config, seed=ctx.seed)
-    columns = [c for c in dataset.column_names if c != "prompt" and c not in REPLACED_COLUMNS | PROVENANCE_COLUMNS]
-    tally = _Tally()
-    generation_s = 0.0
-
-    def line(record: dict[str, Any]) -> str:
-        return json.dumps(record, ensure_ascii=False) + "\n"
-
-    with ctx.artifact(ARTIFACTS["dataset"]).open("w", encoding="utf-8") as out, \
-            ctx.artifact(ARTIFACTS["rejected_prompts"]).open("w", encoding="utf-8") as rejected:  # fmt: skip
-        for chunk_no, start in enumerate(range(0, len(dataset), config.chunk_size)):
+    written = PROVENANCE_COLUMNS if config.output == "sft" else PAIR_COLUMNS
+    columns = [c for c in dataset.column_names if c != "prompt" and c not in REPLACED_COLUMNS | written]
+    chunks = range(0, len(dataset), config.chunk_size)
+    bar = StageProgress(ctx.out_dir, ctx.name, len(dataset) * config.num_generations, unit="sample", phase="sampling")
+    with ChunkedJsonl(ctx.out_dir, [ARTIFACTS["dataset"], ARTIFACTS["rejected_prompts"]]) as files, bar:
+        # A resumed stage continues after its last committed chunk, with the counts as they were then;
+        # each chunk's sampling seed is its own, so the rows are those of an uninterrupted run.
+        chunks_done, state = files.open()
+        tally = _Tally.from_state(state["tally"]) if state else _Tally()
+        generation_s = state.get("generation_s", 0.0)
+        earlier_failures: Counter[str] = Counter(state.get("rule_failures", {}))
+        if chunks_done:
+            bar.update(min(chunks_done * config.chunk_size, len(dataset)) * config.num_generations)
+            logger.info("rejection_sampling: resuming after %d of %d chunks (%d samples kept so far)", chunks_done,
+                        len(chunks), tally.accepted)  # fmt: skip
+        for chunk_no, start in enumerate(chunks):
+            if chunk_no < chunks_done:
+                continue
+            if stop_requested():
+                raise Interrupted(f"stopped by {signal_name()} after chunk {chunk_no} of {len(chunks)}")
             rows = dataset.select(range(start, min(start + config.chunk_size, len(dataset)))).to_list()
             prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
             conversational = not isinstance(prompts[0], str)
             began = time.perf_counter()
-            samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed + chunk_no)
+            done = start * config.num_generations
+            samples = sample(prompts, num_samples=config.num_generations, seed=ctx.seed + chunk_no,
+                             progress=lambda n, done=done: bar.update(done + n))  # fmt: skip
             generation_s += time.perf_counter() - began
             chunk = score_samples(scorer, language_rule, prompts, rows, samples)
             for prompt, row, scored in zip(prompts, rows, chunk, strict=True):
-                kept, dropped = judge(scored, rules)
-                tally.add(scored, kept, dropped, row.get("difficulty"))
                 original = {c: row[c] for c in columns}
-                for j in kept:
-                    out.write(line({
-                        "prompt": prompt, "completion": _completion_value(scored[j].text, conversational), **original,
-                        "source": "rejection_sampling", "source_model": source_model, "sample_index": j,
-                        "score": scored[j].total, "scores": dict(scored[j].scores),
-                    }))  # fmt: skip
+                if config.output == "pairs":
+                    pair, dropped = pick_pair(scored, rules, config.pair_margin)
+                    kept = list(pair or ())
+                    if pair is not None:
+                        chosen, worse = scored[pair[0]], scored[pair[1]]
+                        tally.gap_sum += chosen.total - worse.total
+                        files.write(ARTIFACTS["dataset"], {
+                            "prompt": prompt, **original,
+                            "chosen": _completion_value(chosen.text, conversational),
+                            "rejected": _completion_value(worse.text, conversational),
+                            "source": "rejection_sampling", "source_model": source_model,
+                            "chosen_index": chosen.index, "rejected_index": worse.index,
+                            "chosen_score": chosen.total, "rejected_score": worse.total,
+                            "chosen_scores": dict(chosen.scores), "rejected_scores": dict(worse.scores),
+                            "score_gap": chosen.total - worse.total,
+                        })  # fmt: skip
+                else:
+                    kept, dropped = judge(scored, rules)
+                    for j in kept:
+                        files.write(ARTIFACTS["dataset"], {
+                            "prompt": prompt, "completion": _completion_value(scored[j].text, conversational),
+                            **original, "source": "rejection_sampling", "source_model": source_model,
+                            "sample_index": j, "score": scored[j].total, "scores": dict(scored[j].scores),
+                        })  # fmt: skip
+                tally.add(scored, kept, dropped, row.get("difficulty"))
                 if not kept:
                     best = max((s.total for s in scored), default=None)
-                    rejected.write(line({"prompt": prompt, **original, "num_samples": len(scored), "best_score": best,
-                                         "dropped": dict(dropped)}))  # fmt: skip
+                    files.write(ARTIFACTS["rejected_prompts"], {"prompt": prompt, **original, "num_samples": len(scored),
+                                                                "best_score": best, "dropped": dict(dropped)})  # fmt: skip
+            files.commit(chunk_no + 1, {"tally": tally.state_dict(), "generation_s": generation_s,
+                                        "rule_failures": dict(earlier_failures + Counter(scorer.failures()))})  # fmt: skip
             logger.info("rejection_sampling: %d/%d prompts done, %d of %d samples kept",
                         min(start + config.chunk_size, len(dataset)), len(dataset), tally.accepted, tally.generated)
 
+        # The mix comes after the last commit: a stage killed while mixing redoes only the mix.
         mixed = 0
         if config.mix_dataset is not None:
-            pairs = _sft_pairs(load_dataset(config.mix_dataset, ctx.base_dir, ctx.seed))
+            pairs = _sft_pairs(load_dataset(config.mix_dataset, ctx.base_dir, ctx.seed, need=MIX_NEEDS, ledger=ledger,
+                                            key="mix_dataset"))  # fmt: skip
             wanted = mix_count(tally.accepted, config.mix_ratio)
             if wanted > len(pairs):
                 logger.warning("rejection_sampling: mix dataset has %d rows, %d wanted for mix_ratio %.3g; using all",
@@ -446,19 +575,23 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
             random.Random(ctx.seed).shuffle(pairs)
             empty = dict.fromkeys(columns)
             for prompt, completion in pairs[:wanted]:
-                out.write(line({
+                files.write(ARTIFACTS["dataset"], {
                     "prompt": chat_prompt(prompt, config.system_prompt, config.conversational), "completion": completion,
                     **empty, "source": "mix", "source_model": None, "sample_index": None, "score": None, "scores": None,
-                }))  # fmt: skip
+                })  # fmt: skip
                 mixed += 1
+        files.commit(len(chunks), {"tally": tally.state_dict(), "generation_s": generation_s,
+                                   "rule_failures": dict(earlier_failures + Counter(scorer.failures()))})  # fmt: skip
 
-    metrics = tally.metrics(len(dataset), mixed, generation_s)
-    last_errors = scorer.last_errors()
-    for name, failures in scorer.failures().items():
-        if failures:
-            metrics[f"{name}_failures"] = failures
-            logger.warning("rejection_sampling: rule %s scored None on %d samples (%s)", name, failures,
-                           last_errors.get(name))  # fmt: skip
+    if config.output == "pairs":
+        metrics = tally.pair_metrics(len(dataset), generation_s)
+    else:
+        metrics = tally.metrics(len(dataset), mixed, generation_s)
+    metrics.update(scorer.failure_metrics("rejection_sampling", earlier_failures), **ledger.metrics())
+    if config.output == "pairs" and tally.accepted == 0:
+        raise RuntimeError(f"no prompt gave two samples whose weighted scores differ by ≥ pair_margin "
+                           f"({config.pair_margin:g}) (dropped: {dict(tally.dropped)}); "
+                           f"{ARTIFACTS['rejected_prompts']} has each prompt's best score and drop reasons")
     if tally.accepted + mixed == 0:
         # An empty dataset would only fail later, inside the next stage's data loading.
         raise RuntimeError(f"none of {tally.generated} samples passed (dropped: {dict(tally.dropped)}); "

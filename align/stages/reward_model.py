@@ -27,17 +27,24 @@ set on the stage as-is.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt
 
 from align.artifacts import EVAL, StageContext
-from align.data import load_dataset, with_system_prompt
+from align.data import PairWeighting, RowLedger, load_dataset, preference_needs, prepare_preference_pairs
 from align.models import load_tokenizer, load_trainable
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, TrlStageConfig
-from align.training import final_train_metrics, metrics_callback, save_trained_model, trl_config
+from align.training import (
+    attach_console,
+    final_train_metrics,
+    fit,
+    guard_callback,
+    metrics_callback,
+    save_trained_model,
+    trl_config,
+)
 
 logger = logging.getLogger("align")
 
@@ -53,92 +60,30 @@ class Config(TrlStageConfig):
     lora: LoraSpec | None = None
     system_prompt: str | None = Field(default=None, description="Added to conversational prompts that have none.")
     ranking_column: str = Field(default="ranking", description="List column of responses ordered best → worst.")
-    pair_weighting: Literal["per_prompt", "per_pair"] = Field(
+    pair_weighting: PairWeighting = Field(
         default="per_prompt", description="Rankings: weight each pair 1/C(k,2) (per_prompt) or 1 (per_pair)."
     )
     learning_rate: float = Field(default=1e-5, gt=0)
     max_length: PositiveInt | None = 1024
 
 
-def _layout(columns: set[str], ranking_column: str) -> str | None:
-    if {"chosen", "rejected"} <= columns:
-        return "pairs"
-    if {"prompt", ranking_column} <= columns:
-        return "rankings"
-    return None
-
-
 def check(config: Config, ctx: CheckContext) -> None:
-    for key, spec in (("dataset", config.dataset), ("eval_dataset", config.eval_dataset)):
-        if spec is None:
-            continue
-        columns = ctx.dataset_columns(spec, (key,))
-        if columns is not None and _layout(columns, config.ranking_column) is None:
-            ctx.error(
-                (key, "path"),
-                f"dataset '{spec.path}' needs columns chosen+rejected (pairs) or prompt+{config.ranking_column} "
-                f"(rankings, best first); it has: {', '.join(sorted(columns))}",
-            )
+    ctx.check_preference_data(config.dataset, ("dataset",), config.ranking_column)
+    ctx.check_preference_data(config.eval_dataset, ("eval_dataset",), config.ranking_column)
+    for key in ("dataset", "eval_dataset"):
+        ctx.check_rows(getattr(config, key), (key,), preference_needs(config.ranking_column))
     ctx.check_lora(config.lora)
+    ctx.check_context(ctx.model_spec(config), config, ("max_length",))
 
 
 def output_columns(config: Config) -> set[str] | None:
     return None
 
 
-def expand_rankings(
-    rows: dict[str, list[Any]], ranking_column: str = "ranking", weighting: str = "per_prompt"
-) -> dict[str, list[Any]]:
-    """Rankings (k responses per prompt, best first) → every pair (better, worse), C(k, 2) per prompt.
-
-    Returns columns `prompt`, `chosen`, `rejected`, `weight` (plus `margin` copied per prompt if the
-    input has one). With `per_prompt`, a prompt's pairs share weight 1/C(k, 2), then all weights are
-    scaled so their mean is 1; rows with fewer than two responses give no pair.
-    """
-    out: dict[str, list[Any]] = {"prompt": [], "chosen": [], "rejected": [], "weight": []}
-    has_margin = "margin" in rows
-    if has_margin:
-        out["margin"] = []
-    for index, (prompt, ranking) in enumerate(zip(rows["prompt"], rows[ranking_column], strict=True)):
-        k = len(ranking)
-        if k < 2:
-            continue
-        weight = 1.0 / math.comb(k, 2) if weighting == "per_prompt" else 1.0
-        for better in range(k):
-            for worse in range(better + 1, k):
-                out["prompt"].append(prompt)
-                out["chosen"].append(ranking[better])
-                out["rejected"].append(ranking[worse])
-                out["weight"].append(weight)
-                if has_margin:
-                    out["margin"].append(rows["margin"][index])
-    if out["weight"]:
-        mean = sum(out["weight"]) / len(out["weight"])
-        out["weight"] = [w / mean for w in out["weight"]]
-    return out
-
-
 def _prepare(dataset: Any, config: Config) -> Any:
-    """Pairs with only the columns TRL reads (and `weight`), rankings expanded, system prompt added."""
-    from datasets import Dataset
-
-    layout = _layout(set(dataset.column_names), config.ranking_column)
-    if layout == "rankings":
-        keep = [c for c in ("prompt", config.ranking_column, "margin") if c in dataset.column_names]
-        dataset = Dataset.from_dict(expand_rankings(dataset.select_columns(keep).to_dict(), config.ranking_column,
-                                                    config.pair_weighting))
-    else:
-        keep = [c for c in ("prompt", "chosen", "rejected", "margin") if c in dataset.column_names]
-        if "prompt" in keep and isinstance(dataset[0]["prompt"], str) and isinstance(dataset[0]["chosen"], list):
-            # UltraFeedback-style rows: a text `prompt` beside conversations that already hold it.
-            keep.remove("prompt")
-        dataset = dataset.select_columns(keep)
-    if config.system_prompt:
-        target = "prompt" if "prompt" in dataset.column_names else None
-        columns = [target] if target else ["chosen", "rejected"]
-        if isinstance(dataset[0][columns[0]], list):
-            dataset = dataset.map(lambda row: {c: with_system_prompt(row[c], config.system_prompt) for c in columns})
-    return dataset
+    """Pairs with only the columns TRL reads (plus `margin` and, for rankings, `weight`)."""
+    return prepare_preference_pairs(dataset, ranking_column=config.ranking_column, weighting=config.pair_weighting,
+                                    keep=("margin",), system_prompt=config.system_prompt)
 
 
 def _weighted_trainer(**kwargs: Any) -> Any:
@@ -207,10 +152,14 @@ def pairwise_metrics(trainer: Any) -> dict[str, Any]:
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     assert config.model is not None
-    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed), config)
-    evaluation = _prepare(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed), config) if config.eval_dataset else None
+    ledger = RowLedger()  # rows dropped under on_bad_rows: skip
+    need = preference_needs(config.ranking_column)
+    train = _prepare(load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=need, ledger=ledger), config)
+    evaluation = (_prepare(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed, need=need, ledger=ledger,
+                                        key="eval_dataset"), config) if config.eval_dataset else None)  # fmt: skip
     tokenizer = load_tokenizer(config.model, padding_side="right")
-    trainable = load_trainable(config.model, config.lora, task="sequence_classification")
+    trainable = load_trainable(config.model, config.lora, precision=config.precision(), task="sequence_classification",
+                               seed=ctx.seed)  # fmt: skip
     trainable.model.config.pad_token_id = tokenizer.pad_token_id
     work_dir = ctx.artifact("trainer")
     trainer = _weighted_trainer(
@@ -220,15 +169,16 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=trainable.peft_config,
-        callbacks=[metrics_callback(ctx.metrics)],
+        callbacks=[metrics_callback(ctx.metrics), guard_callback()],
     )
+    attach_console(trainer, ctx)
     logger.info("reward_model: %d pairs, %s", len(train), "LoRA" if config.lora else "full fine-tune")
-    result = trainer.train()
-    metrics = final_train_metrics(trainer, result)
+    result = fit(trainer, ctx.metrics.path)
+    metrics = {**final_train_metrics(trainer, result), **ledger.metrics()}
     if evaluation is not None:
         held_out = pairwise_metrics(trainer)
         metrics.update(held_out)
         if trainer.is_world_process_zero():
             ctx.metrics.log(EVAL, int(trainer.state.global_step), **held_out)
-    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir)
+    save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir, config.model)
     return metrics

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PositiveInt
 
 from align.artifacts import StageContext
-from align.data import load_dataset
+from align.data import SFT_NEEDS, RowLedger, load_dataset
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, TrlStageConfig
 from align.training import SFT_LAYOUTS, run_sft, sft_layout
@@ -42,7 +42,9 @@ def check(config: Config, ctx: CheckContext) -> None:
         if columns is not None and sft_layout(columns) is None:
             wanted = " or ".join("+".join(layout) for layout in SFT_LAYOUTS)
             ctx.error((key, "path"), f"dataset '{spec.path}' needs columns {wanted}; it has: {', '.join(sorted(columns))}")
+        ctx.check_rows(spec, (key,), SFT_NEEDS)
     ctx.check_lora(config.lora)
+    ctx.check_context(ctx.model_spec(config), config, ("max_length",))
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -51,7 +53,9 @@ def output_columns(config: Config) -> set[str] | None:
 
 def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     assert config.model is not None
-    train = load_dataset(config.dataset, ctx.base_dir, ctx.seed)
-    evaluation = load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed) if config.eval_dataset else None
+    ledger = RowLedger()
+    train = load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=SFT_NEEDS, ledger=ledger)
+    evaluation = (load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed, need=SFT_NEEDS, ledger=ledger, key="eval_dataset")
+                  if config.eval_dataset else None)  # fmt: skip
     _, metrics = run_sft(config, ctx, config.model, train, evaluation, lora=config.lora, system_prompt=config.system_prompt)
-    return metrics
+    return {**metrics, **ledger.metrics()}

@@ -45,3 +45,11 @@ def test_errors_are_collected() -> None:
     assert "did you mean 'sft'" in messages[0]
     assert "index 9 out of range" in messages[1]
     assert "is a int" in messages[2]
+
+
+def test_yes_and_no_are_strings_as_in_yaml_1_2() -> None:
+    """YAML 1.1 reads `save_strategy: no` as False, which TRL rejects; recipes use YAML 1.2's booleans."""
+    from align.recipe.loader import parse_scalar, parse_yaml
+
+    assert [parse_scalar(v) for v in ("no", "yes", "on", "off", "true", "False")] == ["no", "yes", "on", "off", True, False]
+    assert parse_yaml("save_strategy: no\nbf16: true\n", "r.yaml").data == {"save_strategy": "no", "bf16": True}

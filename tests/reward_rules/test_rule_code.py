@@ -82,7 +82,10 @@ def test_parallel_workers_give_the_same_scores() -> None:
 
 
 def test_infinite_loop_times_out_and_skips_remaining_cases(monkeypatch: pytest.MonkeyPatch) -> None:
-    import reward_rules.code as code_module
+    import importlib
+
+    # The package attribute `reward_rules.code` is the rule itself; the module is in sys.modules.
+    code_module = importlib.import_module("reward_rules.code")
 
     runs: list[float] = []
 
@@ -210,3 +213,48 @@ def test_kernel_layers_without_the_audit_hook(tmp_path: Path) -> None:
     assert not (tmp_path / "x.txt").exists()
     ok = run_python("import os\nprint(os.getuid() != 0)\n", python=SYSTEM_PYTHON, **FAST)
     assert ok.stdout == "True\n"
+
+
+def test_binary_scores_all_passed_as_one_and_anything_less_as_zero() -> None:
+    # open-r1's binary_code: 1.0 when the pass rate is above 0.99, else 0.0.
+    wrong = [*ADD_CASES[:2], {"input": "2 2", "output": "5"}]  # 2 of 3 pass
+    assert run_one(ADD, ADD_CASES, binary=True) == 1.0
+    assert run_one(ADD, wrong, binary=True) == 0.0
+    assert run_one(ADD, wrong, binary=True, binary_threshold=0.5) == 1.0  # 2/3 > 0.5
+    assert code(["no code"], [ADD_CASES], binary=True, **FAST) == [0.0]
+    with pytest.warns(UnusableTestCasesWarning):
+        assert code([fenced(ADD)], [[]], binary=True, **FAST) == [None]  # unusable stays None
+    with pytest.raises(ValueError, match="binary_threshold"):
+        run_one(ADD, ADD_CASES, binary=True, binary_threshold=1.0)
+
+
+def r1(answer: str, think: str = "\nLet's solve this\n") -> str:
+    return f"<think>{think}</think>\n<answer>\n{answer}\n</answer>"
+
+
+def test_code_format_wants_the_r1_format_and_a_fenced_block_of_the_language_in_the_answer() -> None:
+    from reward_rules.code import code_format
+
+    python = "```python\ndef hello():\n    print('world')\n```"
+    cases = [
+        (r1(python), 1.0),
+        (r1("```py\nx = 1\n```"), 1.0),  # the usual alias
+        (r1("```Python3 \nx = 1\n```"), 1.0),  # case and a trailing space in the info string
+        (r1("Explanation first.\n" + python + "\nThat is all."), 1.0),  # prose around the block is fine
+        (r1(python, think="\n```python\nx = 1\n```\nNow the solution:\n"), 1.0),  # blocks in the think part too
+        (python, 0.0),  # no think/answer tags
+        (r1("Just plain text"), 0.0),  # no code block
+        (r1("```javascript\nconsole.log('hello');\n```"), 0.0),  # another language
+        (r1("```\ndef hello(): pass\n```"), 0.0),  # no language label
+        (r1("```python\ndef hello(): pass"), 0.0),  # block never closed (cut off)
+        (f"<answer>{python}</answer><think>Analysis</think>", 0.0),  # wrong order
+        (r1("Only prose.", think="\n```python\nx = 1\n```\n"), 0.0),  # the code is in the think part only
+        (r1(python) + "\nextra", 0.0),  # text after </answer>
+    ]
+    assert code_format([text for text, _ in cases]) == [score for _, score in cases]
+    js = r1("```javascript\nconsole.log('hello');\n```")
+    assert code_format([js], language="javascript") == [1.0]
+    assert code_format([js, r1(python)], language=["js", "python"]) == [1.0, 1.0]  # per-sample column
+    assert code_format([[{"role": "assistant", "content": r1(python)}]]) == [1.0]
+    assert code_format(["<think>" + r1(python)[len("<think>"):]], prefilled_think=True) == [0.0]
+    assert code_format([r1(python)[len("<think>"):]], prefilled_think=True) == [1.0]

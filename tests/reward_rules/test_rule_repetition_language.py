@@ -25,9 +25,21 @@ def test_repetition_fires_on_chinese() -> None:
     assert repetition(["答案是 答案是 答案是 答案是"], ngram_size=3)[0] < -0.5
 
 
-def test_repetition_no_spaces_falls_back_to_characters() -> None:
-    assert tokenize_for_repetition("abab") == ["a", "b", "a", "b"]
-    assert repetition(["abababab"], ngram_size=2) == pytest.approx([-1 * (1 - 2 / 7)])
+def test_repetition_leaves_short_unbroken_answers_alone() -> None:
+    # Split into characters, these scored −0.23, −0.33 and −0.58 with n = 3 (e.g. `\boxed{1000000}`:
+    # 13 character trigrams, "000" four times, 10 distinct: −(1 − 10/13)); open-r1 gives 0, so does align.
+    answers = ["\\boxed{1000000}", "<answer>100000</answer>", "2+2+2+2+2+2=12"]
+    assert [tokenize_for_repetition(a) for a in answers] == [[a.lower()] for a in answers]
+    assert repetition(answers, ngram_size=3) == [0.0, 0.0, 0.0]
+
+
+def test_repetition_splits_long_unbroken_text_into_characters() -> None:
+    looping = "ab" * 60  # 120 characters ≥ 100: 118 trigrams, 2 distinct ("aba", "bab")
+    assert tokenize_for_repetition(looping) == list(looping)
+    assert repetition([looping]) == pytest.approx([-(1 - 2 / 118)])
+    # The length is a parameter: 8 characters ≥ 8 → 7 bigrams, 2 distinct.
+    assert repetition(["abababab"], ngram_size=2, char_fallback_length=8) == pytest.approx([-(1 - 2 / 7)])
+    assert repetition(["abababab"], ngram_size=2) == [0.0]  # one word
 
 
 def test_repetition_validates_parameters() -> None:
@@ -35,6 +47,8 @@ def test_repetition_validates_parameters() -> None:
         repetition(["a b c"], max_penalty=0.5)
     with pytest.raises(ValueError, match="ngram_size"):
         repetition(["a b c"], ngram_size=0)
+    with pytest.raises(ValueError, match="char_fallback_length"):
+        repetition(["a b c"], char_fallback_length=0)
 
 
 def test_script_counts_words_and_characters() -> None:

@@ -21,6 +21,7 @@ EXPECTED_COLUMNS = {
     "repetition": (),
     "language_consistency": (),
     "code": ("test_cases",),
+    "code_format": (),
 }
 COMPLETION = "<think>Step 1: think.\nStep 2: more.</think>\n<answer>42</answer>"
 COLUMN_VALUES = {"solution": "42", "test_cases": [{"input": "", "output": "42"}]}
@@ -73,3 +74,22 @@ def test_called_like_trl_calls_it(name: str) -> None:
     assert isinstance(out, list) and len(out) == n
     assert all(v is None or isinstance(v, float) for v in out)
     assert out[0] == out[1]  # plain string and chat message score the same
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_COLUMNS))
+def test_importable_as_a_function_in_one_line(name: str) -> None:
+    import reward_rules
+
+    fn = RULES[name]
+    assert getattr(reward_rules, fn.__name__) is fn and callable(fn)
+    assert fn.__name__ in reward_rules.__all__
+
+
+def test_configure_binds_checked_parameters_under_the_rules_name() -> None:
+    from reward_rules import configure, repetition
+
+    penalty = configure(repetition, ngram_size=2, max_penalty=-0.5)
+    assert penalty.__name__ == "repetition"
+    assert penalty(["a b a b"]) == pytest.approx([-0.5 * (1 - 2 / 3)])  # 3 bigrams, 2 distinct
+    with pytest.raises(ValueError, match="max_penalty: Input should be less than or equal to 0"):
+        configure(repetition, max_penalty=0.5)

@@ -216,15 +216,17 @@ def test_teacher_writes_the_traces(distill_run: tuple[Path, dict[str, dict[str, 
 # ------------------------------------------------------------------------------------------------
 
 
-def tiny_overrides() -> list[str]:
-    """Every model of recipes/r1.yaml pointed at a local tiny model; vLLM off (not installed here)."""
+def tiny_overrides(root: Path) -> list[str]:
+    """Every model of recipes/r1.yaml pointed at a local tiny model with Qwen2.5-Math's context (4096
+    positions, so the recipe's lengths are checked against the real model's); vLLM off (not
+    installed here); the tiny tokenizer has no <|im_end|>, so no eos_token."""
     import yaml
 
-    from align.embedded import embedded_model_path
+    from tests.hub_fixtures import with_context
 
-    tiny, student = embedded_model_path("align:tiny"), embedded_model_path("align:tiny-student")
+    tiny, student = with_context("align:tiny", root, 4096), with_context("align:tiny-student", root, 4096)
     data = yaml.safe_load((RECIPES / "r1.yaml").read_text())
-    overrides = [f"model.name_or_path={tiny}", "model.dtype=float32"]
+    overrides = [f"model.name_or_path={tiny}", "model.dtype=float32", "model.eos_token=null"]
     for stage in data["stages"]:
         name = stage["name"]
         if stage.get("use_vllm"):
@@ -237,8 +239,8 @@ def tiny_overrides() -> list[str]:
     return overrides
 
 
-def test_r1_recipe_validates_with_tiny_models() -> None:
-    recipe = load_recipe(RECIPES / "r1.yaml", tiny_overrides())
+def test_r1_recipe_validates_with_tiny_models(tmp_path: Path) -> None:
+    recipe = load_recipe(RECIPES / "r1.yaml", tiny_overrides(tmp_path))
     types = [s.type for s in recipe.stages]
     # the R1 chain, in order
     order = ["sft", "grpo", "rejection_sampling", "sft", "reward_model", "grpo", "distill", "distill"]
@@ -257,7 +259,7 @@ def test_r1_recipe_validates_with_tiny_models() -> None:
 
 def test_r1_recipe_rejects_logit_distillation_into_a_mismatched_student(tmp_path: Path) -> None:
     student = student_copy(tmp_path, extra_vocab=8)
-    overrides = [o for o in tiny_overrides() if not o.startswith("stages.distill_qwen_1p5b.student")]
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("stages.distill_qwen_1p5b.student")]
     with pytest.raises(RecipeError) as info:
         load_recipe(RECIPES / "r1.yaml", [*overrides, "stages.distill_qwen_1p5b.method=logit",
                                           f"stages.distill_qwen_1p5b.student={student}"])

@@ -7,7 +7,6 @@ import copy
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -218,9 +217,9 @@ def test_rollout_mask_stops_after_the_first_eos() -> None:
 
 
 def test_prompt_stream_shards_each_global_batch_between_processes() -> None:
-    from align.stages.ppo import _prompt_stream
+    from align.stages.ppo import PromptStream
 
-    streams = [_prompt_stream(10, 3, SimpleNamespace(num_processes=2, process_index=r), seed=7) for r in (0, 1)]
+    streams = [PromptStream(10, 3, world=2, rank=r, seed=7) for r in (0, 1)]
     per_rank = [[next(s) for _ in range(5)] for s in streams]  # 5 global batches of 6 = 3 epochs of 10
     assert all(len(batch) == 3 for batches in per_rank for batch in batches)
     # Rank 0 takes the first half of every global batch, rank 1 the second; read in order, the global
@@ -229,6 +228,18 @@ def test_prompt_stream_shards_each_global_batch_between_processes() -> None:
     for epoch in range(3):
         assert sorted(flat[10 * epoch : 10 * (epoch + 1)]) == list(range(10))
     assert flat[:10] != flat[10:20]  # reshuffled each epoch
+
+
+def test_prompt_stream_resumes_from_its_state() -> None:
+    """A stream restored from the state saved after 4 batches gives the batches the original gives."""
+    from align.stages.ppo import PromptStream
+
+    original = PromptStream(10, 3, world=1, rank=0, seed=7)
+    for _ in range(4):
+        next(original)
+    restored = PromptStream(10, 3, world=1, rank=0, seed=123)  # another seed: the state must override it
+    restored.load_state_dict(original.state_dict())
+    assert [next(restored) for _ in range(6)] == [next(original) for _ in range(6)]
 
 
 BAD = """\
@@ -287,8 +298,11 @@ def test_response_length_also_reads_max_completion_length() -> None:
     assert recipe.stage("ppo").response_length == 17
 
 
-def test_rlhf_recipe_validates_with_the_tiny_model() -> None:
-    recipe = load_recipe(RECIPES / "rlhf.yaml", ["model=align:tiny"])
+def test_rlhf_recipe_validates_with_the_tiny_model(tmp_path: Path) -> None:
+    from tests.hub_fixtures import with_context
+
+    tiny = with_context("align:tiny", tmp_path, 32768)  # Qwen2.5-0.5B-Instruct's context
+    recipe = load_recipe(RECIPES / "rlhf.yaml", [f"model={tiny}"])
     types = [stage.type for stage in recipe.stages]
     assert types.index("sft") < types.index("reward_model") < types.index("ppo")
     ppo = next(stage for stage in recipe.stages if stage.type == "ppo")
@@ -312,3 +326,42 @@ def test_rlhf_tiny_end_to_end(tmp_path: Path) -> None:
     assert ppo["eval_kl_after"] < 1.5
     assert ppo["eval_score_reward_model_after"] > ppo["eval_score_reward_model_before"]
     assert metrics["eval_ppo"]["accuracy"] >= metrics["eval_sft"]["accuracy"] + 0.1
+
+
+def test_full_vocabulary_statistics_are_taken_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The no-grad log-prob and entropy passes never hold a log-softmax over more than
+    `logits_chunk_size` positions (at a 152k vocabulary a 32 × 256 batch is ~5 GB per float32 copy)."""
+    rows_seen: list[int] = []
+    real = torch.log_softmax
+
+    def recording(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rows_seen.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "log_softmax", recording)
+    run_ppo(tmp_path, "stages.ppo.max_steps=1", "stages.ppo.logits_chunk_size=7", "stages.ppo.eval_dataset=null")
+    assert rows_seen and max(rows_seen) <= 7
+
+
+def test_a_kl_beyond_max_kl_stops_the_stage_and_publishes_nothing(tmp_path: Path) -> None:
+    from align.runner import StageFailed
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    with pytest.raises(StageFailed, match=r"beyond max_kl \(1e-09\)"):
+        run_recipe(load_recipe(path, ["stages.ppo.max_kl=1e-9", "stages.ppo.learning_rate=1e-2"]), tmp_path / "run",
+                   report=lambda _: None)  # fmt: skip
+    assert not (tmp_path / "run" / "ppo").exists()
+
+
+def test_inf_rule_scores_never_reach_the_loss(tmp_path: Path) -> None:
+    """A rule that scores +inf on some samples: those score None (the score is the other terms'), are
+    counted, and every logged figure stays finite; max_rule_failure_rate 1 lets the stage run on."""
+    (tmp_path / "rules.py").write_text(
+        "def spiky(completions, **kwargs):\n    return [float('inf') if i % 2 else 1.0 for i in range(len(completions))]\n")
+    metrics, _, rows = run_ppo(tmp_path, f"stages.ppo.rewards=[{{rule: {tmp_path}/rules.py:spiky}}]",
+                               "stages.ppo.max_rule_failure_rate=1", "stages.ppo.max_steps=2", "stages.ppo.eval_dataset=null")
+    assert metrics["spiky_failures"] == 8  # 2 steps × 8 rollouts, every second one inf
+    assert math.isfinite(metrics["first_score"]) and math.isfinite(metrics["last_score"])
+    for row in step_rows(rows):
+        assert row["score/spiky"] == 1.0 and math.isfinite(row["policy_loss"]) and math.isfinite(row["value_loss"])

@@ -19,6 +19,7 @@ from align.stages.rejection_sampling import (
     judge,
     mix_count,
     passes_all,
+    pick_pair,
     select_samples,
 )
 from tests.recipe_problems import recipe_problems
@@ -110,6 +111,21 @@ def test_mix_count_hits_the_ratio() -> None:
     assert mix_count(0, 0.5) == 0
 
 
+def test_pairs_take_the_best_and_the_worst_when_far_enough_apart() -> None:
+    rules = KeepRules(keep="all_pass", thresholds={})
+    # SAMPLES totals 1.5, 1.0, 0.5, 1.5, 0.5: best 1.5 (index 0 before 3), worst 0.5 (index 4 after 2)
+    assert pick_pair(SAMPLES, rules, margin=1.0) == ((0, 4), Counter({"unpaired": 3}))
+    assert pick_pair(SAMPLES, rules, margin=1.01) == (None, Counter({"no_gap": 5}))
+    # The filters run first: drop the truncated best and the duplicate of the worst.
+    samples = [scored(0, 2.0, finished=False), scored(1, 1.5, "a"), scored(2, 0.0, "b"), scored(3, 0.5, " b "),
+               scored(4, 1.0, "c")]
+    pair, dropped = pick_pair(samples, rules, margin=1.5)
+    assert pair == (1, 2) and dropped == Counter({"truncated": 1, "duplicate": 1, "unpaired": 1})
+    # One sample left, or all tied: no pair.
+    assert pick_pair(samples[:2], rules, margin=0.1) == (None, Counter({"truncated": 1, "no_gap": 1}))
+    assert pick_pair([scored(0, 1.0, "x"), scored(1, 1.0, "y")], rules, margin=0.1)[0] is None
+
+
 # ------------------------------------------------------------------------------------------------
 # recipe checks
 # ------------------------------------------------------------------------------------------------
@@ -158,10 +174,15 @@ def problems(tmp_path: Path, *overrides: str) -> dict[str, str]:
         ("stages.rs.reward_model=./no/such/rm", "stages[0].reward_model.name_or_path", "not found"),
         ("stages.rs.num_generations=0", "stages[0].num_generations", "greater than 0"),
         ("stages.rs.launcher={type: accelerate, num_processes: 2}", "stages[0].launcher", "runs in one process"),
+        ("stages.rs.pair_margin=1.0", "stages[0].pair_margin", "only applies to output: pairs"),
+        (("stages.rs.output=pairs", "stages.rs.keep=best_of_n"), "stages[0].keep", "only applies to output: sft"),
+        (("stages.rs.output=pairs", "stages.rs.num_generations=1"), "stages[0].num_generations", "at least 2 samples"),
+        (("stages.rs.output=pairs", "stages.rs.pair_margin=0"), "stages[0].pair_margin", "greater than 0"),
+        ("stages.rs.output=ranking", "stages[0].output", "'sft' or 'pairs'"),
     ],
 )
-def test_bad_config_is_rejected(tmp_path: Path, override: str, path: str, fragment: str) -> None:
-    found = problems(tmp_path, override)
+def test_bad_config_is_rejected(tmp_path: Path, override: str | tuple[str, ...], path: str, fragment: str) -> None:
+    found = problems(tmp_path, *((override,) if isinstance(override, str) else override))
     assert path in found, found
     assert fragment in found[path]
 
@@ -182,6 +203,9 @@ def test_later_stages_see_the_written_columns(tmp_path: Path) -> None:
     columns = stage_module("rejection_sampling").output_columns(recipe.stage("rs"))
     assert columns == {"prompt", "completion", "solution", "difficulty", "source", "source_model", "sample_index",
                        "score", "scores"}
+    pairs = stage_module("rejection_sampling").output_columns(load_recipe(path, ["stages.rs.output=pairs"]).stage("rs"))
+    assert pairs == {"prompt", "chosen", "rejected", "solution", "difficulty", "source", "source_model", "chosen_index",
+                     "rejected_index", "chosen_score", "rejected_score", "chosen_scores", "rejected_scores", "score_gap"}
     (tmp_path / "rules.py").write_text("def needs_tests(completions, test_cases, **kwargs):\n    return [0.0] * len(completions)\n")
     found = problems(tmp_path, f"stages.grpo.rewards=[{{rule: {tmp_path}/rules.py:needs_tests}}]")
     assert "no column 'test_cases'" in found["stages[1].dataset.path"]
@@ -435,3 +459,85 @@ def test_a_run_that_keeps_nothing_fails_clearly(tmp_path: Path) -> None:
 
     manifest = Manifest.read(tmp_path / "run")
     assert manifest is not None and manifest.record("rs").status == "failed"
+
+
+# The pairs output, from the same SFT model: the recipe's dpo stage trains on what it wrote.
+PAIRS_RUN = """\
+name: rs-pairs
+seed: 0
+model: MODEL
+stages:
+  - name: rs
+    type: rejection_sampling
+    dataset: {path: "align:arithmetic", split: train, num_examples: 48, params: {max_operand: 19}}
+    rewards:
+      - {rule: accuracy, weight: 1.0}
+      - {rule: format, weight: 0.5}
+    output: pairs
+    pair_margin: 1.0
+    num_generations: 4
+    temperature: 1.0
+    max_completion_length: 40
+    generation_batch_size: 256
+  - name: dpo
+    type: dpo
+    dataset: ${stages.rs.dataset}
+    max_steps: 2
+    per_device_train_batch_size: 4
+    max_length: 96
+"""
+
+
+@pytest.fixture(scope="module")
+def pairs_run(rs_run: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("rs_pairs")
+    sft_model = rs_run[0].parent / "sft" / "model"
+    (root / "recipe.yaml").write_text(PAIRS_RUN.replace("MODEL", str(sft_model)))
+    manifest = run_recipe(load_recipe(root / "recipe.yaml"), root / "run", report=lambda _: None)
+    for name in ("rs", "dpo"):
+        assert manifest.record(name).status == "complete", manifest.record(name).error
+    assert manifest.record("dpo").metrics["steps"] == 2
+    return root / "run" / "rs", manifest.record("rs").metrics
+
+
+def test_written_pairs_hold_when_rescored_independently(pairs_run: tuple[Path, dict[str, Any]]) -> None:
+    from reward_rules.accuracy import accuracy
+    from reward_rules.format import format_reward
+
+    stage_dir, metrics = pairs_run
+    pairs = rows_of(stage_dir / "dataset.jsonl")
+    assert 0 < len(pairs) == metrics["num_pairs"] == metrics["num_rows"] <= 48
+    assert metrics["num_accepted"] == 2 * len(pairs) and metrics["num_generated"] == 48 * 4
+
+    def rescored(side: str) -> tuple[list[float | None], list[float]]:
+        texts = [p[side][0]["content"] for p in pairs]
+        return accuracy(texts, solution=[p["solution"] for p in pairs]), format_reward(texts)
+
+    (acc_c, fmt_c), (acc_r, fmt_r) = rescored("chosen"), rescored("rejected")
+    gaps = []
+    for i, pair in enumerate(pairs):
+        chosen = 1.0 * (acc_c[i] or 0.0) + 0.5 * fmt_c[i]
+        rejected = 1.0 * (acc_r[i] or 0.0) + 0.5 * fmt_r[i]
+        assert chosen - rejected >= 1.0  # the margin, from scores computed here, not read back
+        assert pair["chosen_score"] == pytest.approx(chosen) and pair["rejected_score"] == pytest.approx(rejected)
+        assert pair["chosen_scores"] == {"accuracy": acc_c[i], "format": fmt_c[i]}
+        assert pair["score_gap"] == pytest.approx(chosen - rejected)
+        assert pair["chosen"] != pair["rejected"] and pair["chosen_index"] != pair["rejected_index"]
+        assert pair["prompt"][-1]["role"] == "user" and pair["chosen"][0]["role"] == "assistant"
+        gaps.append(chosen - rejected)
+    assert metrics["mean_score_gap"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-4)
+    # Prompts without a pair are listed once each, with why.
+    rejected = rows_of(stage_dir / "rejected_prompts.jsonl")
+    assert len(rejected) == 48 - len(pairs) == metrics["zero_accepted_prompts"]
+    paired = {p["prompt"][-1]["content"] for p in pairs}
+    assert not paired & {r["prompt"][-1]["content"] for r in rejected}
+
+
+def test_a_rule_that_scores_inf_stops_the_stage_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "rules.py").write_text("def infinite(completions, **kwargs):\n    return [float('inf')] * len(completions)\n")
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    recipe = load_recipe(tmp_path / "recipe.yaml", [f"stages.rs.rewards=[{{rule: {tmp_path}/rules.py:infinite}}]",
+                                                    "stages.rs.rule_failure_min_samples=8"])
+    with pytest.raises(RuntimeError, match=r"reward rule 'infinite' failed on 32 of the 32 samples it scored \(100%, "
+                                           r"more than max_rule_failure_rate 0.1\); last error: returned inf for sample 0"):
+        run_recipe(recipe, tmp_path / "run", report=lambda _: None)

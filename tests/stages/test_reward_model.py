@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from align.artifacts import read_metrics
+from align.data import expand_rankings
 from align.recipe.errors import RecipeError
 from align.recipe.validate import load_recipe, load_recipe_text
 from align.runner import run_recipe
-from align.stages.reward_model import expand_rankings
 
 
 def test_rankings_expand_into_every_ordered_pair_with_per_prompt_weights() -> None:
