@@ -26,7 +26,41 @@ Findings and targets (held-out greedy accuracy on 300 `align:arithmetic` test pr
 Measured (2 shared cores, 1 thread each, transformers 5.24, TRL 1.16; walls drift ±40 % with the
 load of the other processes on the machine): see the end of this docstring, newest first.
 
-(figures are filled in below as calibration runs finish)
+r1_zero (seed 1, one run each; "base" is eval_base's greedy reply form, gain in points of held-out
+accuracy during GRPO; GRPO at 60 steps × 64 completions, 8 per prompt, max 48 tokens, unless said):
+
+As shipped: run 3's settings (the corpus of commit 9b5e8c3, which the branch keeps), with mid-run
+checkpoints off (`save_strategy: "no"`, which main's checkpointing made the default-on cost of a
+TRL stage); not rerun after that change.
+
+* run 8 (run 6's corpus variant): styles .02 / .50 / .38 / .10, 30,000 documents, 650 steps. Base
+  greedy replies all direct (first token "The" 0.47 against "step" 0.39 and "<think>" 0.14), accuracy
+  0.033, format 0. Through GRPO the sampled format share rose 0.14 → 0.92 by step 37 and the mean
+  length 23.5 → 40 tokens, but sampled accuracy fell 0.22 → ~0.05: the tagged form (10 % of the
+  documents) was the one the base did worst, and the format reward outweighed the accuracy one.
+  Stopped at step 37 (a miss on the gain, visible by then); pretrain 7 min on a loaded machine.
+* run 7: styles equation .10 / direct .55 / worked .20 / tagged .15, 30,000 documents (one epoch),
+  600 pretraining steps, GRPO lr 1e-4, no checkpoints. Base greedy replies all direct ("The answer
+  is N."), accuracy 0.047 → 0.040 (−0.7 points): GRPO learnt the format (0 → 1.0 greedy) and the
+  length grew ×1.73 (23.7 tokens in the first tenth), but sampled accuracy never left ~0.03: with
+  35 % worked/tagged documents the base's column work was too poor to be found and reinforced.
+  591.7 s (pretrain 238.6, GRPO 336.3: the longer replies make its later steps slower).
+* run 6 (a corpus variant, since reverted: worked replies opening with "step by step", tagged ones
+  with "<think>" straight after "Assistant:", so each form has a first token of its own), styles
+  .05 / .45 / .25 / .25, 80,000 documents, 600 steps: the base's first token was "<think>" on every held-out prompt (P ≈ 0.44 against "The"
+  0.35 and "step" 0.20, far from the documents' shares), so format before = 1.0: stopped after
+  eval_base, a miss on "format ≤ 20 % before".
+* run 4 (the corpus of commit 9b5e8c3: every reply after "Assistant: ", worked ones opening with
+  the first digit sum), styles .05 / .45 / .25 / .25, 80,000 documents, 600 steps, GRPO lr 1e-4:
+  base replies all worked (untagged), 0.387 → 0.683 (+29.7), format 0.0 → 1.0, length ×1.33
+  (21.96 first tenth), 650.8 s (pretrain 444.6, GRPO 192.1).
+* run 3: as run 4 with styles .05 / .50 / .22 / .23 and 700 steps: 0.537 → 0.833 (+29.7), format
+  0.003 → 1.0, length ×1.66 (20.65), 621.4 s (pretrain 364.5, GRPO 238.2).
+* runs 1–2 (an earlier draft of the corpus, GRPO lr 5e-5): +16.7 (0.063 → 0.230, 546 s; 900 steps of
+  8 × 256 wrapped packing) and +9.3 (0.003 → 0.097, 663 s); format 0 → ≥ 0.99, length ×1.7–1.8.
+
+Walls are the sum of the stages' durations on a machine whose other core ran other developers' test
+suites; pretraining ran at 0.38–0.65 s a step (8 × 256 tokens) from one run to the next.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def test_r1_zero_template_is_the_corpus_header_and_frame() -> None:
 
 
 def test_r1_zero_reduced(tmp_path: Path) -> None:
-    run_dir = run(tmp_path, "r1_zero_tiny.yaml", "stages.pretrain.max_steps=150",
+    run_dir = run(tmp_path, "r1_zero_tiny.yaml", "stages.pretrain.max_steps=150", "stages.pretrain.dataset.num_examples=4000",
                   "stages.eval_base.dataset.num_examples=40", "stages.eval_grpo.dataset.num_examples=40",
                   "stages.grpo.max_steps=2", "stages.grpo.per_device_train_batch_size=16",
                   "stages.grpo.dataset.num_examples=16")  # fmt: skip

@@ -11,8 +11,8 @@ stage on the ``text`` column, usually with ``packing``). Documents come in four 
   ``User: What is 47+38? Assistant: The answer is 85.``;
 * ``worked``: the same transcript with the work in prose, column by column as the arithmetic task's
   trace does it, ``… Assistant: 7+8=15, then 4+3+1=8, so the answer is 85.``;
-* ``tagged``: the transcript in the R1 format,
-  ``… Assistant: <think>7+8=15 4+3+1=8</think><answer>85</answer>``.
+* ``tagged``: the transcript in the R1 format, the worked prose inside the tags,
+  ``… Assistant: <think>7+8=15, then 4+3+1=8, so the answer is 85.</think><answer>85</answer>``.
 
 ``styles`` sets the share of each (default ``DEFAULT_STYLES``: mostly bare and direct results, a
 quarter worked, a small share tagged). Direct answers are what a small model gets wrong on two-digit
@@ -94,18 +94,13 @@ def render(style: str, operands: list[int], header: str | None = None) -> str:
     if style == "equation":
         return f"{expression}={value}."
     steps = _column_trace_add(operands)[0].split(" ")
-    worked = f"step by step, {', then '.join(steps)}, so the answer is {value}."
+    worked = f"{', then '.join(steps)}, so the answer is {value}."
     # The tagged form holds the same prose work inside <think>, as R1's traces do: it is the worked
     # form plus the tags, so a model moving to it writes *more*, never less.
     answers = {"direct": f"The answer is {value}.", "worked": worked, "tagged": f"<think>{worked}</think><answer>{value}</answer>"}
     if style not in answers:
         raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
-    # Each style opens with a token of its own after the frame ("ĠThe", "Ġstep", "<think>": the tagged
-    # reply follows "Assistant:" with no space), so which one a base starts with greedily is decided
-    # by the styles' shares. A bare "Ġ" would not do: "User: What" puts one after every colon, and a
-    # small model lends that token weight after "Assistant:" too.
-    gap = "" if style == "tagged" else " "
-    transcript = f"{DIALOGUE.format(question=question)}{gap}{answers[style]}"
+    transcript = f"{DIALOGUE.format(question=question)} {answers[style]}"
     return f"{header} {transcript}" if header else transcript
 
 

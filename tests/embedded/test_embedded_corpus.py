@@ -23,9 +23,9 @@ from align.embedded.corpus import (
 from align.embedded.preferences import PREFERENCES_TASK, make_preference_dataset
 from align.embedded.tasks import ARITHMETIC_TASK, make_task_dataset, problem_split
 
-QUESTION = re.compile(r"User: What is (\d+)\+(\d+)\? Assistant:( The answer is .*| step by step, .*|<think>.*)\Z")
+QUESTION = re.compile(r"User: What is (\d+)\+(\d+)\? Assistant: (.*)\Z")
 EQUATION = re.compile(r"(\d+)\+(\d+)=(\d+)\.\Z")
-WORKED = re.compile(r"step by step, (.*), so the answer is (\d+)\.\Z")
+WORKED = re.compile(r"(.*), so the answer is (\d+)\.\Z")
 
 
 def _column_steps(a: int, b: int) -> list[str]:
@@ -46,7 +46,7 @@ def _parse(text: str) -> tuple[str, int, int, str]:
         return "equation", int(equation[1]), int(equation[2]), equation[3]
     match = QUESTION.search(text)
     assert match, text
-    a, b, reply = int(match[1]), int(match[2]), match[3].removeprefix(" ")
+    a, b, reply = int(match[1]), int(match[2]), match[3]
     if reply.startswith("The answer is "):
         return "direct", a, b, reply.removeprefix("The answer is ").removesuffix(".")
     tagged = re.fullmatch(r"<think>(.*)</think><answer>(\d+)</answer>", reply)
@@ -114,11 +114,9 @@ def test_deterministic() -> None:
 
 def test_render_matches_the_dialogue_frame() -> None:
     assert render("direct", [47, 38]) == "User: What is 47+38? Assistant: The answer is 85."
-    assert render("worked", [47, 38]) == (
-        "User: What is 47+38? Assistant: step by step, 7+8=15, then 4+3+1=8, so the answer is 85."
-    )
+    assert render("worked", [47, 38]) == "User: What is 47+38? Assistant: 7+8=15, then 4+3+1=8, so the answer is 85."
     assert render("tagged", [7, 7], "Hi.") == (
-        "Hi. User: What is 7+7? Assistant:<think>step by step, 7+7=14, so the answer is 14.</think><answer>14</answer>"
+        "Hi. User: What is 7+7? Assistant: <think>7+7=14, so the answer is 14.</think><answer>14</answer>"
     )
     assert render("equation", [3, 4], "Hi.") == "3+4=7."
     assert DIALOGUE.format(question="What is 1+2?") == "User: What is 1+2? Assistant:"
