@@ -59,6 +59,30 @@ TRL stage); not rerun after that change.
 * runs 1–2 (an earlier draft of the corpus, GRPO lr 5e-5): +16.7 (0.063 → 0.230, 546 s; 900 steps of
   8 × 256 wrapped packing) and +9.3 (0.003 → 0.097, 663 s); format 0 → ≥ 0.99, length ×1.7–1.8.
 
+distill_vs_rl (seed 1):
+
+* run 1, as shipped: teacher 0.707 (the quickstart's eval_grpo, as it should be), distilled student
+  0.727 (the quickstart's eval_distill); RL-only student 0.117 after its cold start, 0.267 after 100
+  GRPO steps: distilled − RL-only = +46.0 points (target ≥ 5). Student optimiser time: RL 74.0 s
+  (cold start 12.1 + GRPO 61.9) against distillation 58.0 s, 1.27×. 412 s in all.
+
+rlhf_rm_only (seed 1; the curve is PPO's held-out greedy eval every 10 steps on 300 prompts, as
+(step, RM score, rule accuracy); "rising together" allows dips within `accuracy_noise`, 0.08 here):
+
+* run 2, as shipped (temperature 0.7, 100 steps): RM pairwise accuracy 0.9475; accuracy 0.440 →
+  0.603 (+16.3 points), KL 1.03 nats; curve (0, 2.72, .440) (20, 2.74, .517) (40, 3.03, .543)
+  (60, 3.17, .620) (80, 3.25, .553) (100, 3.26, .603): rising together (the dip 0.593 → 0.553 at
+  70 → 80 is within noise). 362 s (SFT 39, RM 131, PPO 189). The same PPO settings on run 1's SFT
+  model and RM, run alone before, gave the same figures to the last digit.
+* PPO alone on run 1's SFT model and RM, learning rate 5e-5 (temperature 1.0, 100 steps): 0.440 →
+  0.607, but the RM score rose 2.71 → 2.89 while accuracy fell 0.397 → 0.263 (steps 20 → 30): a
+  stretch of the RM being gamed, not rising together.
+* run 1 (temperature 1.0, 60 steps): 0.440 → 0.500 (+6.0), RM 2.72 → 3.02, accuracy down to 0.330
+  at step 30 while the RM score rose: miss on both.
+* recipes/rlhf_tiny.yaml (RM + accuracy rule at weight 4, 500 held-out prompts), PPO alone on run
+  1's SFT model and RM (the same configs as its own): 100 steps 0.452 → 0.702, RM 2.78 → 3.13, KL
+  0.97 (PPO 210 s); its 60 steps had given 0.452 → 0.55 here, so it now runs 100.
+
 Walls are the sum of the stages' durations on a machine whose other core ran other developers' test
 suites; pretraining ran at 0.38–0.65 s a step (8 × 256 tokens) from one run to the next.
 """
@@ -67,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -76,6 +101,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runnable from a checkout without installing the package.
@@ -140,14 +167,31 @@ def ppo_curve(run_dir: Path, stage: str = "ppo") -> list[dict[str, float]]:
             for r in sorted(rows, key=lambda r: r["step"])]
 
 
-def rising_together(curve: list[dict[str, float]]) -> bool:
-    """Both end above where they started, and neither ever moves while the other falls by more than
-    noise: no stretch where the RM score climbs while accuracy drops (what hacking looks like)."""
+def accuracy_noise(accuracy: float, n_problems: int) -> float:
+    """Two standard errors of the difference between two held-out accuracies near ``accuracy`` on
+    ``n_problems`` problems (independent binomials): what two evals of equally good policies can
+    differ by. 0.08 at 0.5 on 300 problems."""
+    return 2 * math.sqrt(2 * accuracy * (1 - accuracy) / n_problems)
+
+
+def rising_together(curve: list[dict[str, float]], n_problems: int) -> bool:
+    """Both end above where they started, and no stretch between two evals has the RM score climbing
+    while the rule accuracy falls by more than noise (`accuracy_noise` over ``n_problems``): that
+    stretch is what optimising a gamed RM looks like."""
     if len(curve) < 2:
         return False
     up = curve[-1]["rm"] > curve[0]["rm"] and curve[-1]["accuracy"] > curve[0]["accuracy"]
-    diverging = any(b["rm"] > a["rm"] and b["accuracy"] < a["accuracy"] - 0.03 for a, b in zip(curve, curve[1:], strict=False))
+    mean = sum(c["accuracy"] for c in curve) / len(curve)
+    noise = accuracy_noise(mean, n_problems)
+    diverging = any(b["rm"] > a["rm"] and b["accuracy"] < a["accuracy"] - noise
+                    for a, b in zip(curve, curve[1:], strict=False))  # fmt: skip
     return up and not diverging
+
+
+def eval_size(run_dir: Path, stage: str) -> int:
+    """How many held-out prompts `stage` evaluates on, from the run's recipe."""
+    stages = {s["name"]: s for s in yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))["stages"]}
+    return int(stages[stage]["eval_dataset"]["num_examples"])
 
 
 def rlhf_figures(run_dir: Path) -> dict[str, Any]:
@@ -157,7 +201,8 @@ def rlhf_figures(run_dir: Path) -> dict[str, Any]:
         "rm_pair_accuracy": metrics["reward_model"].get("eval_accuracy"),
         "accuracy_sft": metrics["eval_sft"]["accuracy"], "accuracy_ppo": metrics["eval_ppo"]["accuracy"],
         "gain_points": round(100 * (metrics["eval_ppo"]["accuracy"] - metrics["eval_sft"]["accuracy"]), 1),
-        "kl_after": metrics["ppo"].get("eval_kl_after"), "curve": curve, "rising_together": rising_together(curve),
+        "kl_after": metrics["ppo"].get("eval_kl_after"), "curve": curve,
+        "rising_together": rising_together(curve, eval_size(run_dir, "ppo")),
         "wall_s": round(sum(m["duration_s"] or 0.0 for m in metrics.values()), 1),
     }
 

@@ -17,6 +17,7 @@ from align.artifacts import read_metrics
 from align.recipe.validate import load_recipe
 from align.runner import run_recipe
 from benchmarks.calibrate_findings import (
+    accuracy_noise,
     distill_vs_rl_figures,
     ppo_curve,
     r1_zero_figures,
@@ -50,14 +51,24 @@ def test_tenths_ratio_compares_the_last_tenth_with_the_first() -> None:
     assert tenths_ratio([4.0, 6.0]) == pytest.approx(1.5)  # fewer than ten steps: one each
 
 
+def test_accuracy_noise_is_two_standard_errors_of_a_difference() -> None:
+    # 2 * sqrt(2 * 0.5 * 0.5 / 300) = 2 * sqrt(1 / 600) = 0.08165
+    assert accuracy_noise(0.5, 300) == pytest.approx(0.08165, abs=1e-5)
+    assert accuracy_noise(0.9, 300) < accuracy_noise(0.5, 300)
+
+
 def test_rising_together_sees_hacking() -> None:
     together = [{"rm": 1.0, "accuracy": 0.40}, {"rm": 1.5, "accuracy": 0.45}, {"rm": 2.0, "accuracy": 0.55}]
-    assert rising_together(together)
+    assert rising_together(together, 300)
     # The RM score climbs while accuracy falls in the middle: that is the RM being gamed.
-    hacked = [{"rm": 1.0, "accuracy": 0.40}, {"rm": 2.0, "accuracy": 0.30}, {"rm": 3.0, "accuracy": 0.45}]
-    assert not rising_together(hacked)
-    assert not rising_together([{"rm": 1.0, "accuracy": 0.4}, {"rm": 2.0, "accuracy": 0.4}])
-    assert not rising_together(together[:1])
+    hacked = [{"rm": 1.0, "accuracy": 0.40}, {"rm": 2.0, "accuracy": 0.25}, {"rm": 3.0, "accuracy": 0.45}]
+    assert not rising_together(hacked, 300)
+    # A dip of 0.04 is noise on 300 problems (noise ~0.08 near 0.47), not on 3000 (~0.026).
+    dip = [{"rm": 1.0, "accuracy": 0.40}, {"rm": 1.5, "accuracy": 0.50}, {"rm": 2.0, "accuracy": 0.46},
+           {"rm": 2.5, "accuracy": 0.52}]  # fmt: skip
+    assert rising_together(dip, 300) and not rising_together(dip, 3000)
+    assert not rising_together([{"rm": 1.0, "accuracy": 0.4}, {"rm": 2.0, "accuracy": 0.4}], 300)
+    assert not rising_together(together[:1], 300)
 
 
 # ---- R1-Zero: reasoning from RL alone -----------------------------------------------------------
@@ -88,7 +99,7 @@ def test_r1_zero_reduced(tmp_path: Path) -> None:
     # Pretrained on raw text, the base continues the transcript in one of the corpus's reply forms.
     replies = [json.loads(line) for line in (run_dir / "eval_base" / "predictions.jsonl").read_text().splitlines()]
     assert all(r["prompt"].endswith(" Assistant:") and not CHAT_MARKERS.search(r["prompt"]) for r in replies)
-    forms = re.compile(r"( The answer is \d+\.|<think>.*| step by step, .*)")
+    forms = re.compile(r"( The answer is \d+\.| ?<think>.*| \d+\+\d+=\d+.*)")
     assert sum(bool(forms.fullmatch(r["samples"][0]["text"])) for r in replies) >= 0.8 * len(replies)
     # GRPO generated from the raw prompts and logged what the finding is read from.
     figures = r1_zero_figures(run_dir)
