@@ -37,7 +37,7 @@ import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from align.embedded.tasks import DEFAULT_MAX_OPERAND, SPLITS, _column_trace_add, _sample_problems
+from align.embedded.tasks import DEFAULT_MAX_OPERAND, _column_trace_add, _sample_problems, check_request
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -122,12 +122,7 @@ def make_corpus_dataset(
     them in 0..9), each document in a style drawn with the ``styles`` shares."""
     from datasets import Dataset
 
-    if name not in CORPUS_TASKS:
-        raise ValueError(f"unknown corpus task {name!r}; known: {', '.join(CORPUS_TASKS)}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if num_examples < 0:
-        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    check_request("corpus task", name, CORPUS_TASKS, split, num_examples)
     if max_operand < SMALL_MAX_OPERAND:
         raise ValueError(f"max_operand must be >= {SMALL_MAX_OPERAND}, got {max_operand}")
     shares = _styles(styles)

@@ -213,6 +213,16 @@ def _sample_problems(
     return out
 
 
+def check_request(kind: str, name: str, known: tuple[str, ...], split: str, num_examples: int) -> None:
+    """The checks every embedded dataset builder makes of what it is asked for."""
+    if name not in known:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(known)}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+
+
 def make_task_dataset(
     name: str,
     split: str,
@@ -233,12 +243,7 @@ def make_task_dataset(
     """
     from datasets import Dataset
 
-    if name not in EMBEDDED_TASKS:
-        raise ValueError(f"unknown embedded task {name!r}; known: {', '.join(EMBEDDED_TASKS)}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if num_examples < 0:
-        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    check_request("embedded task", name, EMBEDDED_TASKS, split, num_examples)
     _validate(min_operand, max_operand, num_operands, ops, trace)
     if prompt_template is not None:
         if QUESTION_FIELD not in prompt_template:
