@@ -69,9 +69,15 @@ class StageRecord:
     ended: float | None = None
     duration_s: float | None = None
     error: str | None = None
-    #: Processes the stage ran in, and the device of its main process (None: not known, or no torch).
+    #: What really ran, as the stage's processes read it back at the end (None: not known, or no torch):
+    #: processes, machines, Accelerate's distributed type, the ZeRO stage where DeepSpeed ran, the mixed
+    #: precision, and the device of its main process.
     world_size: int | None = None
     device: str | None = None
+    num_machines: int | None = None
+    distributed_type: str | None = None
+    zero_stage: int | None = None
+    mixed_precision: str | None = None
 
 
 @dataclass

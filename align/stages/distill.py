@@ -53,6 +53,7 @@ from align.data import (
 from align.generation import load_sampler
 from align.models import (
     checkpoint_parameter_count,
+    count_parameters,
     device,
     load_causal_lm,
     load_tokenizer,
@@ -296,12 +297,13 @@ def _train_logit(config: Config, ctx: StageContext, teacher: ModelSpec, train: A
     train = prepare_sft_dataset(train, config.system_prompt)
     tokenizer = load_tokenizer(config.student, padding_side="right")
     precision = config.precision()
+    work_dir = ctx.artifact("trainer")
+    args = trl_config(config, work_dir)  # first: ZeRO-3 partitions only models loaded after it
     trainable = load_trainable(config.student, config.lora, precision=precision)
-    student_params = sum(p.numel() for p in trainable.model.parameters())  # before LoRA adds its own
+    student_params = count_parameters(trainable.model)  # before LoRA adds its own
     teacher_model = load_causal_lm(teacher, precision=precision).to(device()).eval()
     _check_shared_vocabulary(load_tokenizer(teacher), tokenizer, teacher_model, trainable.model)
-    work_dir = ctx.artifact("trainer")
-    trainer = GKDTrainer(model=trainable.model, teacher_model=teacher_model, args=trl_config(config, work_dir),
+    trainer = GKDTrainer(model=trainable.model, teacher_model=teacher_model, args=args,
                          train_dataset=_as_messages(train), processing_class=tokenizer, peft_config=trainable.peft_config,
                          callbacks=[metrics_callback(ctx.metrics), guard_callback()])  # fmt: skip
     attach_console(trainer, ctx)
@@ -309,4 +311,4 @@ def _train_logit(config: Config, ctx: StageContext, teacher: ModelSpec, train: A
     result = fit(trainer, ctx.metrics.path)
     metrics = final_train_metrics(trainer, result)
     save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir, config.student)
-    return metrics, student_params, sum(p.numel() for p in teacher_model.parameters())
+    return metrics, student_params, count_parameters(teacher_model)
