@@ -15,38 +15,27 @@ from pathlib import Path
 from types import FrameType
 
 from align.execute import execute_stage, rank_errors
+from align.launch_config import launch_config_problems
 from align.paths import resolve_user_path
 from align.preempt import EXIT_INTERRUPTED, Interrupted
 from align.recipe.errors import KeyPath
-from align.recipe.schema import LauncherSpec
+from align.recipe.schema import LauncherSpec, StageConfig
 
 
 class StageProcessError(RuntimeError):
     """A stage process (or one of its ranks) exited with an error; the message is the ranks' own."""
 
 
-def launcher_problems(spec: LauncherSpec, base_dir: Path) -> list[tuple[KeyPath, str]]:
+def launcher_problems(spec: LauncherSpec, base_dir: Path, stage: StageConfig | None = None) -> list[tuple[KeyPath, str]]:
+    """What is wrong with a launcher (with a `stage`: also with that stage under it), key paths relative
+    to the launcher; the accelerate config file is checked by `align.launch_config`."""
     problems: list[tuple[KeyPath, str]] = []
     if spec.type != "accelerate":
         for key in ("config_file", "num_processes", "main_process_port"):
             if getattr(spec, key) is not None:
                 problems.append(((key,), f"'{key}' only applies to launcher type 'accelerate'"))
         return problems
-    if spec.config_file is not None:
-        path = resolve_user_path(spec.config_file, base_dir)
-        if not path.is_file():
-            problems.append((("config_file",), f"accelerate config not found: {spec.config_file}"))
-        else:
-            import yaml
-
-            try:
-                loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError as err:
-                problems.append((("config_file",), f"accelerate config {spec.config_file} is not valid YAML: {err}"))
-            else:
-                if not isinstance(loaded, dict) or "distributed_type" not in loaded:
-                    problems.append((("config_file",), f"{spec.config_file} lacks 'distributed_type'; is it an accelerate config?"))
-    return problems
+    return launch_config_problems(spec, base_dir, stage)
 
 
 def stage_command(spec: LauncherSpec, stage_dir: Path, base_dir: Path) -> list[str]:
