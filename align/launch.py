@@ -15,14 +15,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from align import artifacts as art
 from align.execute import execute_stage, rank_errors, read_stage_config
-from align.paths import resolve_user_path
+from align.launch_config import launch_config_problems, read_launch_config
 from align.preempt import EXIT_INTERRUPTED, Interrupted
 from align.recipe.errors import KeyPath
-from align.recipe.schema import LauncherSpec, TrainingKnobs
+from align.recipe.schema import LauncherSpec, StageConfig, TrainingKnobs
 
 logger = logging.getLogger("align")
 
@@ -31,28 +30,16 @@ class StageProcessError(RuntimeError):
     """A stage process (or one of its ranks) exited with an error; the message is the ranks' own."""
 
 
-def launcher_problems(spec: LauncherSpec, base_dir: Path) -> list[tuple[KeyPath, str]]:
+def launcher_problems(spec: LauncherSpec, base_dir: Path, stage: StageConfig | None = None) -> list[tuple[KeyPath, str]]:
+    """What is wrong with a launcher (with a `stage`: also with that stage under it), key paths relative
+    to the launcher; the accelerate config file is checked by `align.launch_config`."""
     problems: list[tuple[KeyPath, str]] = []
     if spec.type != "accelerate":
         for key in ("config_file", "num_processes", "main_process_port"):
             if getattr(spec, key) is not None:
                 problems.append(((key,), f"'{key}' only applies to launcher type 'accelerate'"))
         return problems
-    if spec.config_file is not None:
-        path = resolve_user_path(spec.config_file, base_dir)
-        if not path.is_file():
-            problems.append((("config_file",), f"accelerate config not found: {spec.config_file}"))
-        else:
-            import yaml
-
-            try:
-                loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError as err:
-                problems.append((("config_file",), f"accelerate config {spec.config_file} is not valid YAML: {err}"))
-            else:
-                if not isinstance(loaded, dict) or "distributed_type" not in loaded:
-                    problems.append((("config_file",), f"{spec.config_file} lacks 'distributed_type'; is it an accelerate config?"))
-    return problems
+    return launch_config_problems(spec, base_dir, stage)
 
 
 #: The launch config align writes into a stage's scratch folder: the user's file with what this
@@ -112,15 +99,6 @@ class Launch:
     notes: list[str] = field(default_factory=list)
 
 
-def _file_settings(spec: LauncherSpec, base_dir: Path) -> dict[str, Any]:
-    if spec.config_file is None:
-        return {}
-    import yaml
-
-    loaded = yaml.safe_load(resolve_user_path(spec.config_file, base_dir).read_text(encoding="utf-8"))
-    return dict(loaded) if isinstance(loaded, dict) else {}
-
-
 def accelerate_launch(spec: LauncherSpec, stage_dir: Path, base_dir: Path, mixed_precision: str,
                       cuda: bool | None = None, machines: Machines = ONE_MACHINE) -> Launch:  # fmt: skip
     """The `accelerate launch` of a stage. The shipped configs are GPU configs (8 processes, bf16); the
@@ -134,9 +112,12 @@ def accelerate_launch(spec: LauncherSpec, stage_dir: Path, base_dir: Path, mixed
         import torch
 
         cuda = torch.cuda.is_available()
-    settings = _file_settings(spec, base_dir)
+    config = read_launch_config(spec, base_dir, strict=False)  # validated before the run started
+    settings = dict(config.raw)
+    if config.deepspeed_config_file is not None:  # Accelerate would resolve it from each rank's cwd
+        settings["deepspeed_config"] = {**settings["deepspeed_config"], "deepspeed_config_file": str(config.deepspeed_config_file)}
     notes: list[str] = []
-    processes = spec.num_processes or int(settings.get("num_processes") or 1)
+    processes = config.num_processes
     distributed = str(settings.get("distributed_type") or ("MULTI_GPU" if processes > 1 else "NO")).upper()
     if distributed == "NO" and processes > 1:
         distributed = "MULTI_GPU"  # `accelerate launch --num_processes 2` alone would start ONE process
