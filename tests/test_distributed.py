@@ -235,3 +235,52 @@ def test_result_json_records_what_ran_for_a_one_process_stage(tmp_path: Path) ->
     result = json.loads((tmp_path / "run" / "sft" / art.RESULT).read_text())
     assert (result["world_size"], result["num_machines"], result["distributed_type"]) == (1, 1, "NO")
     assert "zero_stage" not in result
+
+
+SAMPLING = """\
+name: data-parallel
+seed: 0
+model: align:tiny
+stages:
+  - name: rs_one
+    type: rejection_sampling
+{rs}
+  - name: rs_two
+    type: rejection_sampling
+{rs}
+    launcher: {{type: accelerate, config_file: {configs}/ddp.yaml, num_processes: 2}}
+  - name: eval_one
+    type: eval
+{ev}
+  - name: eval_two
+    type: eval
+{ev}
+    launcher: {{type: accelerate, config_file: {configs}/zero3.yaml, num_processes: 2}}
+"""
+RS = """\
+    dataset: {path: "align:arithmetic", split: train, num_examples: 7}
+    rewards: [{rule: format}]
+    keep: best_of_n
+    num_generations: 1
+    temperature: 0.0
+    max_completion_length: 8
+    drop_truncated: false
+    chunk_size: 4"""
+EVAL = """\
+    dataset: {path: "align:arithmetic", split: test, num_examples: 5}
+    max_completion_length: 8"""
+
+
+def test_rejection_sampling_and_eval_are_data_parallel_with_one_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy sampling, so one process and two must agree exactly: each rank samples its share (7 and
+    5 prompts: uneven shares), every rank gets all samples back in prompt order, one rank writes."""
+    manifest = run(tmp_path, SAMPLING.format(rs=RS, ev=EVAL, configs=CONFIGS), monkeypatch)
+    run_dir = tmp_path / "run"
+    for one, two, artifact in (("rs_one", "rs_two", "dataset.jsonl"), ("eval_one", "eval_two", "predictions.jsonl")):
+        assert manifest.record(two).world_size == 2 and manifest.record(one).world_size == 1
+        written = (run_dir / two / artifact).read_text().splitlines()
+        assert written == (run_dir / one / artifact).read_text().splitlines()
+        assert len(written) == (7 if one == "rs_one" else 5)  # once each: not once per rank
+    assert manifest.record("eval_two").metrics["accuracy"] == manifest.record("eval_one").metrics["accuracy"]

@@ -61,7 +61,7 @@ from align.models import (
     resolve_model_path,
     vocabulary_mismatch,
 )
-from align.preempt import Interrupted, signal_name, stop_requested
+from align.preempt import Interrupted, signal_name, stop_agreed
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, Model, ModelSpec, SamplingKnobs, TrlStageConfig
 from align.training import (
@@ -193,7 +193,7 @@ def trace_source(config: Config, columns: list[str]) -> Literal["teacher", "data
 def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: StageContext) -> tuple[Any, dict[str, Any]]:
     """Sample the teacher's traces for every prompt; return them as a prompt/completion dataset (the
     prompt's other columns kept) and figures about them. Written to `traces.jsonl` a chunk at a time
-    (by the first process: under accelerate every process samples the same traces), so a resumed
+    (by the first process: under accelerate each samples its share and all get every trace), so a resumed
     stage samples only the chunks not yet committed; each chunk has its own seed, so the traces are
     those of an uninterrupted run."""
     from datasets import Dataset
@@ -214,7 +214,7 @@ def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: Stage
             for chunk_no, start in enumerate(chunks):
                 if chunk_no < chunks_done:
                     continue
-                if stop_requested():
+                if stop_agreed():  # every rank stops at the same chunk: the next one's gather would hang
                     raise Interrupted(f"stopped by {signal_name()} after trace chunk {chunk_no} of {len(chunks)}")
                 rows = dataset.select(range(start, min(start + config.chunk_size, len(dataset)))).to_list()
                 prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
