@@ -131,3 +131,32 @@ def test_align_run_refuses_a_machine_rank_out_of_range(tmp_path: Path, capsys: p
     recipe.write_text(RECIPE)
     assert main(["run", str(recipe), "--num-machines", "2", "--machine-rank", "3", "--main-process-ip", "h"]) == 2
     assert "--machine-rank must be in 0..1, not 3" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_slurm_example_runs_a_recipe_on_two_nodes(tmp_path: Path) -> None:
+    """examples/slurm/align.sbatch under stand-ins for `srun` (one task per "node", each with its
+    SLURM_NODEID) and `scontrol` (the job's first host), as SLURM would start it with --nodes 2."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\necho 127.0.0.2\n")
+    (bin_dir / "srun").write_text("#!/bin/bash\nshift  # --kill-on-bad-exit=1\n"
+                                  "SLURM_NODEID=1 \"$@\" > node1.log 2>&1 & follower=$!\n"
+                                  "SLURM_NODEID=0 \"$@\"; main=$?\nwait $follower; exit $(( main || $? ))\n")  # fmt: skip
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: slurm\nseed: 0\nmodel: align:tiny\nstages:\n"
+                      + STAGE.format(name="sft", model="align:tiny", configs=ROOT / "accelerate_configs"))  # fmt: skip
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]", "MASTER_PORT": str(free_port()),
+           "RUN_DIR": str(tmp_path / "run"), "ALIGN": sys.executable}  # fmt: skip
+    env.pop("ACCELERATE_USE_CPU", None)
+    # `align` of this checkout (not necessarily installed): python -m align.cli
+    script = (ROOT / "examples" / "slurm" / "align.sbatch").read_text().replace('"$ALIGN" run', '"$ALIGN" -m align.cli run')
+    (tmp_path / "job.sbatch").write_text(script)
+    done = subprocess.run(["bash", str(tmp_path / "job.sbatch"), str(recipe)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:] + (tmp_path / "node1.log").read_text()[-2000:]
+    record = art.Manifest.read(tmp_path / "run").record("sft")  # type: ignore[union-attr]
+    assert (record.status, record.world_size, record.num_machines) == (art.COMPLETE, 2, 2)
