@@ -97,6 +97,8 @@ class Launch:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: Variables of align's own environment the stage must not inherit.
+    unset: list[str] = field(default_factory=list)
 
 
 def accelerate_launch(spec: LauncherSpec, stage_dir: Path, base_dir: Path, mixed_precision: str,
@@ -124,6 +126,10 @@ def accelerate_launch(spec: LauncherSpec, stage_dir: Path, base_dir: Path, mixed
     if distributed == "MULTI_CPU":
         distributed = "MULTI_GPU"  # accelerate's own CPU mode launches one process; gloo DDP is MULTI_GPU + use_cpu
     env: dict[str, str] = {}
+    unset: list[str] = []
+    if distributed == "DEEPSPEED" and os.environ.get("ACCELERATE_USE_CPU"):
+        unset.append("ACCELERATE_USE_CPU")  # with it Accelerate silently runs plain DDP, not DeepSpeed
+        notes.append("ACCELERATE_USE_CPU left out of the stage's environment: with it, DeepSpeed would become plain DDP")
     if not cuda:
         if distributed == "FSDP":
             raise StageProcessError(f"{spec.config_file}: FSDP needs GPUs (Accelerate never enables it on the CPU); "
@@ -159,7 +165,7 @@ def accelerate_launch(spec: LauncherSpec, stage_dir: Path, base_dir: Path, mixed
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path.resolve())]
     if spec.main_process_port:
         command += ["--main_process_port", str(spec.main_process_port)]
-    return Launch(command + list(spec.extra_args), env, notes)
+    return Launch(command + list(spec.extra_args), env, notes, unset)
 
 
 def stage_command(spec: LauncherSpec, stage_dir: Path, base_dir: Path, mixed_precision: str = "no",
@@ -192,7 +198,7 @@ def launch_stage(spec: LauncherSpec, stage_dir: Path, base_dir: Path, machines: 
         return
     mixed = stage_precision(stage_dir) if spec.type == "accelerate" else "no"
     launch = stage_command(spec, stage_dir, base_dir, mixed, machines if spans_machines(spec, machines) else ONE_MACHINE)
-    env = {**os.environ, **launch.env}
+    env = {k: v for k, v in {**os.environ, **launch.env}.items() if k not in launch.unset}
     # Several ranks on few cores oversubscribe OpenMP badly (10–20× slower); one thread each unless told.
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = "1"

@@ -284,3 +284,13 @@ def test_rejection_sampling_and_eval_are_data_parallel_with_one_writer(
         assert written == (run_dir / one / artifact).read_text().splitlines()
         assert len(written) == (7 if one == "rs_one" else 5)  # once each: not once per rank
     assert manifest.record("eval_two").metrics["accuracy"] == manifest.record("eval_one").metrics["accuracy"]
+
+
+def test_accelerate_use_cpu_in_the_environment_does_not_turn_deepspeed_into_ddp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    spec = LauncherSpec(type="accelerate", config_file="accelerate_configs/zero2.yaml", num_processes=2)
+    _, launch = launch_settings(tmp_path, spec, cuda=False)
+    assert launch.unset == ["ACCELERATE_USE_CPU"] and "ACCELERATE_USE_CPU" not in launch.env
+    assert any("would become plain DDP" in n for n in launch.notes)
