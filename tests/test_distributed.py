@@ -54,6 +54,16 @@ def weights(model_dir: Path, cls: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in model.state_dict().items()}
 
 
+def run_under_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, engines: list[str], cls: Any,
+                      atol: float = 1e-5) -> art.Manifest:  # fmt: skip
+    """Run `body` once per engine (same seed, data and global batch); check what ran, and that every
+    engine ends with the first one's weights."""
+    manifest = run(tmp_path, "name: engines\nseed: 0\nmodel: align:tiny\nstages:\n" + stages_under(engines, body), monkeypatch)
+    assert_ran_as_configured(manifest, engines)
+    assert_same_weights(tmp_path / "run", engines, cls, atol)
+    return manifest
+
+
 def assert_same_weights(run_dir: Path, engines: list[str], cls: Any, atol: float = 1e-5) -> None:
     reference = weights(run_dir / engines[0] / "model", cls)
     assert sum(v.numel() for v in reference.values()) > 100_000
@@ -79,11 +89,7 @@ SFT = """\
 def test_sft_under_ddp_zero2_and_zero3_from_the_shipped_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
-    engines = ["ddp", "zero2", "zero3"]
-    manifest = run(tmp_path, "name: sft-engines\nseed: 1\nmodel: align:tiny\nstages:\n" + stages_under(engines, SFT),
-                   monkeypatch)  # fmt: skip
-    assert_ran_as_configured(manifest, engines)
-    assert_same_weights(tmp_path / "run", engines, AutoModelForCausalLM)
+    run_under_engines(tmp_path, monkeypatch, SFT, ["ddp", "zero2", "zero3"], AutoModelForCausalLM)
     # What align changed for the CPU is in each stage's log, with every rank's own output after it.
     log = (tmp_path / "run" / "zero3" / art.LOG).read_text(encoding="utf-8")
     assert "launcher: no GPU here: DeepSpeed on its CPU accelerator" in log and "\n| " in log
@@ -94,7 +100,7 @@ PPO = """\
     reward_model: align:tiny
     rewards: [{rule: format, weight: 0.5}]
     dataset: {path: "align:arithmetic", split: train, num_examples: 64}
-    eval_dataset: {path: "align:arithmetic", split: test, num_examples: 3}
+    eval_dataset: {path: "align:arithmetic", split: test, num_examples: 1}
     learning_rate: 1.0e-4
     lr_scheduler_type: linear
     per_device_train_batch_size: 2
@@ -113,21 +119,18 @@ def test_ppo_under_ddp_zero2_and_zero3_steps_its_schedule_once_per_step(
     """PPO's own loop on Accelerate: DeepSpeed really runs (Accelerator(cpu=True) would silently drop the
     plugin), the linear schedule takes one step per PPO step on every engine (Accelerate's wrapper would
     step it once per process: with 2 processes it would reach 0 after half the steps), ZeRO-3 generates
-    from gathered shards, its frozen reference and reward model are whole, and an eval set of 3 rows
-    on 2 ranks (one padded) still scores each row once."""
+    from gathered shards, its frozen reference and reward model are whole, and an eval set smaller
+    than the world (1 row, 2 ranks: the second rank's padded copy is left out) still scores."""
     from transformers import AutoModelForCausalLM
 
     engines = ["ddp", "zero2", "zero3"]
-    manifest = run(tmp_path, "name: ppo-engines\nseed: 0\nmodel: align:tiny\nstages:\n" + stages_under(engines, PPO),
-                   monkeypatch)  # fmt: skip
-    assert_ran_as_configured(manifest, engines)
+    manifest = run_under_engines(tmp_path, monkeypatch, PPO, engines, AutoModelForCausalLM)
     for engine in engines:
         rows = art.read_metrics(tmp_path / "run" / engine / art.METRICS, art.TRAIN)
         assert [r["learning_rate"] for r in rows] == pytest.approx([1e-4, 1e-4 * 2 / 3, 1e-4 / 3], rel=0.02)  # as logged
         metrics = manifest.record(engine).metrics
         assert metrics["episodes"] == 3 * 2 * 2 * 2  # steps × processes × micro-batch × accumulation
         assert all(isinstance(metrics[k], float) for k in ("eval_score_before", "eval_score_after"))
-    assert_same_weights(tmp_path / "run", engines, AutoModelForCausalLM)
 
 
 GRPO = """\
@@ -144,38 +147,7 @@ GRPO = """\
     save_strategy: "no"
 """
 
-REWARD_MODEL = """\
-    type: reward_model
-    dataset: {path: "align:arithmetic-preferences", split: train, num_examples: 32}
-    learning_rate: 1.0e-3
-    max_steps: 3
-    per_device_train_batch_size: 4
-    logging_steps: 1
-    max_length: 96
-    save_strategy: "no"
-"""
-
-
-@pytest.mark.slow
-def test_grpo_under_ddp_zero2_and_zero3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from transformers import AutoModelForCausalLM
-
-    engines = ["ddp", "zero2", "zero3"]
-    manifest = run(tmp_path, "name: grpo-engines\nseed: 0\nmodel: align:tiny\nstages:\n" + stages_under(engines, GRPO),
-                   monkeypatch)  # fmt: skip
-    assert_ran_as_configured(manifest, engines)
-    assert_same_weights(tmp_path / "run", engines, AutoModelForCausalLM, atol=1e-4)
-
-
-@pytest.mark.slow
-def test_reward_model_under_ddp_and_zero2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from transformers import AutoModelForSequenceClassification
-
-    engines = ["ddp", "zero2"]
-    manifest = run(tmp_path, "name: rm-engines\nseed: 0\nmodel: align:tiny\nstages:\n" + stages_under(engines, REWARD_MODEL),
-                   monkeypatch)  # fmt: skip
-    assert_ran_as_configured(manifest, engines)
-    assert_same_weights(tmp_path / "run", engines, AutoModelForSequenceClassification)
+REWARD_MODEL = SFT.replace("type: sft", "type: reward_model").replace('"align:arithmetic"', '"align:arithmetic-preferences"')
 
 
 # ---- how the shipped configs become a CPU launch (no process started) --------------------------------
@@ -294,3 +266,45 @@ def test_accelerate_use_cpu_in_the_environment_does_not_turn_deepspeed_into_ddp(
     _, launch = launch_settings(tmp_path, spec, cuda=False)
     assert launch.unset == ["ACCELERATE_USE_CPU"] and "ACCELERATE_USE_CPU" not in launch.env
     assert any("would become plain DDP" in n for n in launch.notes)
+
+
+DPO = """\
+    type: dpo
+    dataset: {path: "align:arithmetic-preferences", split: train, num_examples: 32}
+    learning_rate: 1.0e-3
+    beta: 0.1
+    max_steps: 2
+    per_device_train_batch_size: 4
+    logging_steps: 1
+    max_length: 96
+    save_strategy: "no"
+"""
+
+LOGIT_DISTILL = """\
+    type: distill
+    method: logit
+    teacher: align:tiny
+    student: align:tiny-student
+    dataset: {path: "align:arithmetic", split: train, num_examples: 32}
+    learning_rate: 1.0e-3
+    max_steps: 2
+    per_device_train_batch_size: 4
+    logging_steps: 1
+    max_length: 96
+    save_strategy: "no"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("body", "engines", "task", "atol"), [
+    (GRPO, ["ddp", "zero2", "zero3"], "causal_lm", 1e-4),
+    (REWARD_MODEL, ["ddp", "zero2"], "sequence_classification", 1e-5),
+    (DPO, ["ddp", "zero2", "zero3"], "causal_lm", 1e-5),  # its frozen reference is TRL's to place under each engine
+    (LOGIT_DISTILL, ["ddp", "zero3"], "causal_lm", 1e-5),  # the teacher too
+], ids=["grpo", "reward_model", "dpo", "logit_distill"])  # fmt: skip
+def test_more_stages_under_the_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, engines: list[str],
+                                       task: str, atol: float) -> None:  # fmt: skip
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    run_under_engines(tmp_path, monkeypatch, body, engines, cls, atol)
