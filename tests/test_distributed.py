@@ -65,13 +65,20 @@ def run_under_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str
 
 
 def assert_same_weights(run_dir: Path, engines: list[str], cls: Any, atol: float = 1e-5) -> None:
+    """Every engine's weights equal the first one's within `atol`, bar a few elements: ZeRO reduces
+    gradients in another order, and where an element's gradient is ~0 that float noise can flip the
+    sign of its Adam step (Adam normalises it to ~lr). So at most 1 in 1,000 elements may differ by
+    more, and none by more than two steps' worth (2 · 1e-3 here)."""
     reference = weights(run_dir / engines[0] / "model", cls)
-    assert sum(v.numel() for v in reference.values()) > 100_000
+    total = sum(v.numel() for v in reference.values())
+    assert total > 100_000
     for engine in engines[1:]:
         other = weights(run_dir / engine / "model", cls)
         assert other.keys() == reference.keys()
-        worst = max(float((other[k] - reference[k]).abs().max()) for k in reference)
-        assert worst < atol, f"{engine} ends {worst:.3g} away from {engines[0]}"
+        gaps = [(other[k] - reference[k]).abs() for k in reference]
+        worst = max(float(g.max()) for g in gaps)
+        beyond = sum(int((g > atol).sum()) for g in gaps)
+        assert beyond <= total // 1000 and worst < 2e-3, f"{engine}: {beyond} of {total} elements beyond {atol:g}, worst {worst:.3g}"
 
 
 SFT = """\
