@@ -301,14 +301,32 @@ LOGIT_DISTILL = """\
     save_strategy: "no"
 """
 
+SEQUENCE_DISTILL = """\
+    type: distill
+    teacher: align:tiny
+    student: align:tiny-student
+    dataset: {path: "align:arithmetic", split: train, num_examples: 16}
+    traces: teacher
+    num_generations: 1
+    temperature: 0.0
+    max_completion_length: 8
+    drop_truncated: false
+    learning_rate: 1.0e-3
+    max_steps: 2
+    per_device_train_batch_size: 4
+    max_length: 96
+    save_strategy: "no"
+"""
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("body", "engines", "task", "atol"), [
     (GRPO, ["ddp", "zero2", "zero3"], "causal_lm", 1e-4),
-    (REWARD_MODEL, ["ddp", "zero2"], "sequence_classification", 1e-5),
+    (REWARD_MODEL, ["ddp", "zero2", "zero3"], "sequence_classification", 1e-5),
     (DPO, ["ddp", "zero2", "zero3"], "causal_lm", 1e-5),  # its frozen reference is TRL's to place under each engine
     (LOGIT_DISTILL, ["ddp", "zero3"], "causal_lm", 1e-5),  # the teacher too
-], ids=["grpo", "reward_model", "dpo", "logit_distill"])  # fmt: skip
+    (SEQUENCE_DISTILL, ["ddp", "zero3"], "causal_lm", 1e-5),  # greedy traces, sampled data parallel
+], ids=["grpo", "reward_model", "dpo", "logit_distill", "sequence_distill"])  # fmt: skip
 def test_more_stages_under_the_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, engines: list[str],
                                        task: str, atol: float) -> None:  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
