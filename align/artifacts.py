@@ -69,9 +69,15 @@ class StageRecord:
     ended: float | None = None
     duration_s: float | None = None
     error: str | None = None
-    #: Processes the stage ran in, and the device of its main process (None: not known, or no torch).
+    #: What really ran, as the stage's processes read it back at the end (None: not known, or no torch):
+    #: processes, machines, Accelerate's distributed type, the ZeRO stage where DeepSpeed ran, the mixed
+    #: precision, and the device of its main process.
     world_size: int | None = None
     device: str | None = None
+    num_machines: int | None = None
+    distributed_type: str | None = None
+    zero_stage: int | None = None
+    mixed_precision: str | None = None
 
 
 @dataclass
@@ -170,11 +176,13 @@ class ChunkedJsonl:
     counters); a stage killed mid-chunk resumes after the last committed chunk, its files cut back
     to what that commit recorded, so no line is lost or written twice."""
 
-    def __init__(self, out_dir: Path, names: list[str]) -> None:
+    def __init__(self, out_dir: Path, names: list[str], *, writer: bool = True) -> None:
         self.out_dir = out_dir
         self.paths = {name: out_dir / name for name in names}
         self.progress_path = out_dir / CHUNKS
         self._files: dict[str, Any] = {}
+        #: Only one process of a data-parallel stage writes; the others only read where it got to.
+        self.writer = writer
 
     def open(self) -> tuple[int, dict[str, Any]]:
         """Open the files for appending; returns (chunks already done, the state saved with them)."""
@@ -182,6 +190,8 @@ class ChunkedJsonl:
         if self.progress_path.exists():
             progress = json.loads(self.progress_path.read_text(encoding="utf-8"))
             done, state, sizes = progress["chunks_done"], progress["state"], progress["sizes"]
+        if not self.writer:
+            return done, state
         for name, path in self.paths.items():
             fh = path.open("ab")
             fh.truncate(sizes.get(name, 0))  # lines of a chunk that was not committed go
@@ -190,9 +200,13 @@ class ChunkedJsonl:
         return done, state
 
     def write(self, name: str, row: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         self._files[name].write((json.dumps(_finite(row), ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"))
 
     def commit(self, chunks_done: int, state: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         for fh in self._files.values():
             fh.flush()
             os.fsync(fh.fileno())

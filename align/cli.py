@@ -25,6 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key.path=value overrides (anywhere on the line), e.g. stages.sft.learning_rate=1e-4")
     run.add_argument("--run-dir", type=Path, help="default: ./runs/<recipe name>")
     run.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    machines = run.add_argument_group("several machines", "start `align run` once per machine, with the same recipe "
+                                      "and a run dir on a shared filesystem; default: SLURM's or torchrun's environment "
+                                      "(SLURM_NNODES/SLURM_NODEID or NNODES/NODE_RANK, MASTER_ADDR, MASTER_PORT)")
+    machines.add_argument("--num-machines", type=int, help="machines taking part in the run")
+    machines.add_argument("--machine-rank", type=int, help="this machine's rank: 0 runs the recipe, the others follow")
+    machines.add_argument("--main-process-ip", help="machine 0's address, which every rank connects to")
+    machines.add_argument("--main-process-port", type=int, help="the port on machine 0 (default: accelerate's, 29500)")
 
     validate = sub.add_parser("validate", help="check a recipe whole; train nothing")
     validate.add_argument("recipe", type=Path)
@@ -88,6 +95,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from align.recipe.validate import load_recipe
     from align.runner import StageFailed, render_report, run_recipe
 
+    machines = _machines(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(resolved_config(recipe), sort_keys=False), end="")
@@ -96,7 +104,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _print_notices(recipe)
     print(f"[align] recipe {args.recipe} is valid ({len(recipe.stages)} stages); run dir: {run_dir}")
     try:
-        manifest = run_recipe(recipe, run_dir, command=args.command_line)
+        manifest = run_recipe(recipe, run_dir, command=args.command_line, machines=machines)
     except (Interrupted, KeyboardInterrupt) as err:
         print(f"\n[align] interrupted ({err or 'Ctrl-C'}); run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -105,6 +113,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     print("\n" + render_report(manifest))
     return 0
+
+
+def _machines(args: argparse.Namespace) -> Any:
+    """The machines of this run: the flags, over what SLURM's or torchrun's environment says."""
+    import dataclasses
+
+    from align.launch import Machines
+
+    found = Machines.from_env()
+    flags = {"num_machines": args.num_machines, "machine_rank": args.machine_rank,
+             "main_process_ip": args.main_process_ip, "main_process_port": args.main_process_port}  # fmt: skip
+    found = dataclasses.replace(found, **{k: v for k, v in flags.items() if v is not None})
+    if problems := found.problems():
+        raise ValueError("; ".join(problems))  # reported as the user's to fix (exit 2)
+    return found
 
 
 def _print_notices(recipe: Any) -> None:

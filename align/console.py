@@ -74,6 +74,8 @@ def setup_console(level: str | None = None) -> None:
     if any(isinstance(h, ConsoleHandler) for h in root.handlers):
         return
     handler = ConsoleHandler()
+    if int(os.environ.get("RANK", "0")) != 0:
+        handler.setLevel(logging.WARNING)  # the main process tells the story; other ranks only their problems
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(ConsoleFilter())
     root.addHandler(handler)

@@ -76,7 +76,7 @@ def execute_stage(out_dir: Path) -> dict[str, Any]:
             ctx.metrics.log(art.SUMMARY, int(metrics.get("steps", 0)), **metrics)
             art.write_json_atomic(out_dir / art.RESULT, {"fingerprint": fingerprint, "metrics": metrics,
                                                          "artifacts": dict(module.ARTIFACTS),
-                                                         "world_size": world_size(), "device": device_name()})
+                                                         **what_ran(), "device": device_name()})
         return metrics
     except Interrupted as err:
         root.removeHandler(handler)
@@ -98,6 +98,33 @@ def execute_stage(out_dir: Path) -> dict[str, Any]:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def what_ran() -> dict[str, Any]:
+    """How the stage really ran, read back from torch.distributed and Accelerate's state after it
+    finished (not from the launch config: several plausible command lines run one process, or plain
+    DDP under a DeepSpeed config): world size, machines, distributed type, ZeRO stage, mixed precision."""
+    ran: dict[str, Any] = {"world_size": world_size(), "num_machines": 1, "distributed_type": "NO"}
+    if "torch" not in sys.modules:
+        return ran
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        ran["world_size"] = dist.get_world_size()
+        ran["distributed_type"] = "MULTI_GPU" if dist.get_backend() == "nccl" else "MULTI_CPU"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ran["world_size"]))
+    ran["num_machines"] = max(1, ran["world_size"] // max(1, local))
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state:
+            state = AcceleratorState()
+            ran["distributed_type"] = state.distributed_type.value
+            ran["mixed_precision"] = str(state.mixed_precision)
+            plugin = state.deepspeed_plugin if state.distributed_type.value == "DEEPSPEED" else None
+            if plugin is not None:
+                ran["zero_stage"] = int(plugin.zero_stage)
+    return ran
 
 
 def device_name() -> str | None:

@@ -297,7 +297,24 @@ class Sampler:
 
     def __call__(self, prompts: Sequence[Prompt], *, num_samples: int = 1, seed: int | None = None,
                  progress: Callable[[int], None] | None = None) -> list[list[Sample]]:  # fmt: skip
-        """`progress(n)`: called with the number of completions done so far (vLLM: once, at the end)."""
+        """`progress(n)`: called with the number of completions done so far (vLLM: once, at the end).
+        Data parallel when the stage runs in several processes: each rank samples every world-th
+        prompt (with its own seed) and every rank gets all the samples back, in prompt order."""
+        rank, world = data_parallel_world()
+        if world == 1:
+            return self._sample(prompts, num_samples, seed, progress)
+        import torch.distributed as dist
+
+        mine = self._sample(list(prompts[rank::world]), num_samples, None if seed is None else seed + rank, progress)
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, mine)
+        out: list[Any] = [None] * len(prompts)
+        for part_rank, part in enumerate(parts):
+            out[part_rank::world] = part
+        return out
+
+    def _sample(self, prompts: Sequence[Prompt], num_samples: int, seed: int | None,
+                progress: Callable[[int], None] | None) -> list[list[Sample]]:  # fmt: skip
         knobs = self.knobs
         if self.llm is not None:
             out = generate_vllm(self.llm, self.tokenizer, prompts, num_samples=num_samples,
@@ -310,6 +327,23 @@ class Sampler:
                         max_new_tokens=knobs.max_completion_length, temperature=knobs.temperature, top_p=knobs.top_p,
                         top_k=knobs.top_k, batch_size=knobs.generation_batch_size, seed=seed,
                         progress=progress)  # fmt: skip
+
+
+def data_parallel_world() -> tuple[int, int]:
+    """(rank, world size) of the stage's processes. Under a multi-process launch the process group is
+    started here if no trainer did (Accelerate's PartialState: gloo on the CPU, NCCL on GPUs)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+    return dist.get_rank(), dist.get_world_size()
 
 
 def load_sampler(spec: ModelSpec, knobs: SamplingKnobs, *, seed: int = 0) -> Sampler:

@@ -12,6 +12,8 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -399,6 +401,31 @@ def quantization_config(lora: LoraSpec | None) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
+
+
+def count_parameters(model: Any) -> int:
+    """Parameters of `model`, whole even where ZeRO-3 holds only this rank's shard (`ds_numel`)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
+def is_partitioned(model: Any) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitioned the parameters (each rank holds a shard; `p.data` is empty)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextmanager
+def full_parameters(model: Any) -> Iterator[None]:
+    """Inside, every parameter is whole on every rank, also under ZeRO-3 — where a plain rank-0
+    `save_pretrained` would write zero-element tensors. Every rank must enter it (it all-gathers); a
+    model that is not partitioned passes through. The gathered copy costs one full model per rank, for
+    the length of the save."""
+    if not is_partitioned(model):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
 
 
 def all_finite(model: Any) -> bool:

@@ -21,7 +21,7 @@ import align
 from align import artifacts as art
 from align.console import describe_progress, read_progress
 from align.execute import rank_errors, write_stage_config
-from align.launch import launch_stage
+from align.launch import ONE_MACHINE, Machines, launch_stage, spans_machines
 from align.paths import absolute_if_local, absolute_rule, resolve_user_path
 from align.preempt import Interrupted, signal_name, stop_on_signals, stop_requested
 from align.recipe.schema import (
@@ -235,17 +235,22 @@ def load_manifest(recipe: Recipe, run_dir: Path, report: Reporter = print) -> ar
         return manifest
 
 
-def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print, command: str | None = None) -> art.Manifest:
+def run_recipe(recipe: Recipe, run_dir: Path, report: Reporter = print, command: str | None = None,
+               machines: Machines = ONE_MACHINE) -> art.Manifest:  # fmt: skip
     """Run every stage that needs it, in order, holding the run dir's lock (a second `align run` on it
     is refused). Stops at the first failure (`StageFailed`, after the failure was reported) or when
     a signal interrupts a stage (`Interrupted`: it checkpointed; running again resumes it). However
-    it ends, the run report (report.html, report.md and its plots) is written into `run_dir`."""
+    it ends, the run report (report.html, report.md and its plots) is written into `run_dir`.
+    On several machines this runs on machine 0; the others `follow` it (see `follow_run`)."""
+    if not machines.is_main:
+        with stop_on_signals():
+            return follow_run(recipe, run_dir, report, machines)
     run_dir.mkdir(parents=True, exist_ok=True)
     with art.RunLock(run_dir), stop_on_signals():
-        return _run(recipe, run_dir, report, command)
+        return _run(recipe, run_dir, report, command, machines)
 
 
-def _run(recipe: Recipe, run_dir: Path, report: Reporter, command: str | None) -> art.Manifest:
+def _run(recipe: Recipe, run_dir: Path, report: Reporter, command: str | None, machines: Machines) -> art.Manifest:
     old = load_manifest(recipe, run_dir, report)
     planned = plan(recipe, run_dir, old)
     art.write_text_atomic(run_dir / art.RESOLVED_RECIPE, yaml.safe_dump(recipe.data, sort_keys=False))
@@ -256,6 +261,8 @@ def _run(recipe: Recipe, run_dir: Path, report: Reporter, command: str | None) -
         kept = old_records.get(item.config.name)
         manifest.stages.append(kept if (kept and not item.run) else art.StageRecord(item.config.name, item.config.type))
     manifest.write(run_dir)
+    if machines.num_machines > 1:
+        _write_cluster(run_dir, recipe, planned, machines, "running")
     try:
         for item in planned:
             name = item.config.name
@@ -264,10 +271,12 @@ def _run(recipe: Recipe, run_dir: Path, report: Reporter, command: str | None) -
                 continue
             if stop_requested():
                 raise Interrupted(f"stopped by {signal_name()} before stage '{name}' started")
-            _run_stage(item, manifest, old_records.get(name), recipe, run_dir, report)
+            _run_stage(item, manifest, old_records.get(name), recipe, run_dir, report, machines)
     finally:
         manifest.run["ended"] = time.time()
         manifest.write(run_dir)
+        if machines.num_machines > 1:
+            _write_cluster(run_dir, recipe, planned, machines, "ended")
         try:
             html, _ = write_report(run_dir)
             report(f"[align] report: {html}")
@@ -277,7 +286,7 @@ def _run(recipe: Recipe, run_dir: Path, report: Reporter, command: str | None) -
 
 
 def _run_stage(item: PlannedStage, manifest: art.Manifest, previous: art.StageRecord | None, recipe: Recipe,
-               run_dir: Path, report: Reporter) -> None:  # fmt: skip
+               run_dir: Path, report: Reporter, machines: Machines = ONE_MACHINE) -> None:  # fmt: skip
     name = item.config.name
     scratch = art.scratch_dir(run_dir, name)
     # An unfinished attempt (running when killed, failed, interrupted) is resumed from its scratch
@@ -296,12 +305,13 @@ def _run_stage(item: PlannedStage, manifest: art.Manifest, previous: art.StageRe
     record.status, record.fingerprint, record.started = art.RUNNING, item.fingerprint, time.time()
     record.ended = record.duration_s = record.error = None
     record.metrics, record.artifacts = {}, {}
-    record.world_size = record.device = None
+    for key in RAN_KEYS:
+        setattr(record, key, None)
     manifest.write(run_dir)
     try:
         write_stage_config(scratch, prepared_config(item.config, manifest, run_dir, recipe.base_dir), recipe.base_dir,
                            item.fingerprint)
-        launch_stage(item.config.launcher or LauncherSpec(), scratch, recipe.base_dir)
+        launch_stage(item.config.launcher or LauncherSpec(), scratch, recipe.base_dir, machines)
         final = art.publish(run_dir, name)
     except BaseException as err:
         record.ended = time.time()
@@ -326,9 +336,121 @@ def _run_stage(item: PlannedStage, manifest: art.Manifest, previous: art.StageRe
     record.duration_s = round(record.ended - (record.started or record.ended), 2)
     record.metrics = result.get("metrics", {})
     record.artifacts = {k: f"{name}/{v}" for k, v in result.get("artifacts", {}).items()}
-    record.world_size, record.device = result.get("world_size"), result.get("device")
+    for key in RAN_KEYS:
+        setattr(record, key, result.get(key))
     manifest.write(run_dir)
     report(f"[align] done  {name} in {record.duration_s:.1f}s {_short_metrics(record.metrics)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# several machines: machine 0 runs the recipe as above; every other machine follows it
+# ------------------------------------------------------------------------------------------------
+
+#: Machine 0's plan for the other machines, in the (shared) run dir.
+CLUSTER = "machines.json"
+#: How long another machine waits for machine 0 to start the run (ALIGN_MACHINE_WAIT_S).
+MACHINE_WAIT_S = 600.0
+#: A plan machine 0 wrote longer ago than this before a machine started is an earlier run's.
+CLOCK_SLACK_S = 600.0
+
+
+def _write_cluster(run_dir: Path, recipe: Recipe, planned: list[PlannedStage], machines: Machines, state: str) -> None:
+    art.write_json_atomic(run_dir / CLUSTER, {
+        "recipe": recipe.name, "state": state, "started": time.time(), "num_machines": machines.num_machines,
+        "stages": [{"name": p.config.name, "fingerprint": p.fingerprint, "run": p.run} for p in planned],
+    })  # fmt: skip
+
+
+def _wait(what: str, ready: Callable[[], Any], timeout_s: float | None, poll_s: float = 0.5) -> Any:
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while (found := ready()) is None:
+        if stop_requested():
+            raise Interrupted(f"stopped by {signal_name()} while waiting for {what}")
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+        time.sleep(poll_s)
+    return found
+
+
+def follow_run(recipe: Recipe, run_dir: Path, report: Reporter, machines: Machines) -> art.Manifest:
+    """Machine `machine_rank` > 0 of a multi-machine run: wait for machine 0's plan in the shared run
+    dir, check that this machine's recipe is the same, then for each stage machine 0 runs, launch this
+    machine's share of it (the stages that span machines: `accelerate` launchers) and wait until
+    machine 0 records it complete. Machine 0 writes the manifest and publishes; this one only reads."""
+    who = f"machine {machines.machine_rank}"
+    started = time.time()
+    timeout = float(os.environ.get("ALIGN_MACHINE_WAIT_S", MACHINE_WAIT_S))
+
+    def cluster_plan() -> dict[str, Any] | None:
+        try:
+            found = json.loads((run_dir / CLUSTER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        fresh = found.get("state") == "running" and found.get("started", 0) >= started - CLOCK_SLACK_S
+        return found if fresh else None
+
+    report(f"[align] {who} of {machines.num_machines}: waiting for machine 0 to start the run in {run_dir}")
+    cluster = _wait("machine 0's plan", cluster_plan, timeout)
+    if cluster is None:
+        raise StageFailed(f"{who}: machine 0 started no run in {run_dir} within {timeout:.0f} s. Every machine needs "
+                          "the SAME run dir on a shared filesystem (and the same recipe); is machine 0 running?")
+    if cluster["num_machines"] != machines.num_machines:
+        raise StageFailed(f"{who}: machine 0 runs on {cluster['num_machines']} machines, this one was told "
+                          f"{machines.num_machines}")
+    ours = {p.config.name: p for p in plan(recipe, run_dir, None)}
+    theirs = [(s["name"], s["fingerprint"]) for s in cluster["stages"]]
+    if [(n, p.fingerprint) for n, p in ours.items()] != theirs:
+        differing = next((n for n, fp in theirs if n not in ours or ours[n].fingerprint != fp), None) or "the stage list"
+        raise StageFailed(f"{who}: this machine's recipe differs from machine 0's ({differing}); every machine must run "
+                          "the same recipe, overrides and input files")
+    for entry in cluster["stages"]:
+        if entry["run"]:
+            _follow_stage(ours[entry["name"]], recipe, run_dir, report, machines)
+    return art.Manifest.read(run_dir) or art.Manifest(recipe.name, recipe.source, [])
+
+
+def _follow_stage(item: PlannedStage, recipe: Recipe, run_dir: Path, report: Reporter, machines: Machines) -> None:
+    who, name = f"machine {machines.machine_rank}", item.config.name
+    spec = item.config.launcher or LauncherSpec()
+    scratch = art.scratch_dir(run_dir, name)
+    if spans_machines(spec, machines):
+        prepared = _wait(f"stage '{name}' to be prepared", lambda: (
+            "launch" if art.scratch_fingerprint(scratch) == item.fingerprint else _finished(run_dir, item)), None)
+        if prepared == "launch":
+            report(f"[align] {who}: run   {name} ({item.config.type}), this machine's share")
+            try:
+                launch_stage(spec, scratch, recipe.base_dir, machines)
+            except Interrupted:
+                raise
+            except Exception as err:
+                report(f"[align] {who}: FAILED {name}: {err}")
+                raise StageFailed(f"stage '{name}' failed on {who}: {err}") from err
+    record = _wait(f"stage '{name}' on machine 0", lambda: _finished(run_dir, item), None)
+    if record.status != art.COMPLETE:
+        raise StageFailed(f"stage '{name}' {record.status} on machine 0: {record.error}")
+    report(f"[align] {who}: done  {name}")
+
+
+def _finished(run_dir: Path, item: PlannedStage) -> art.StageRecord | None:
+    """Machine 0's record of the stage once it ended (complete, failed or interrupted), else None.
+    A machine 0 that is gone (no process holds the run dir's lock) counts as the stage failing."""
+    try:
+        manifest = art.Manifest.read(run_dir)
+    except art.ManifestError:
+        return None  # being replaced: read again
+    record = next((s for s in manifest.stages if s.name == item.config.name), None) if manifest else None
+    if record is not None and record.fingerprint == item.fingerprint and record.status in (art.COMPLETE, art.FAILED,
+                                                                                            art.INTERRUPTED):
+        return record
+    if art.lock_holder(run_dir) is None and (run_dir / art.LOCK).exists():
+        gone = art.StageRecord(item.config.name, item.config.type, art.FAILED)
+        gone.error = "machine 0 is no longer running the recipe (it holds the run dir's lock while it does)"
+        return gone
+    return None
+
+
+#: What a stage's result.json says really ran, copied onto its manifest record.
+RAN_KEYS = ("world_size", "device", "num_machines", "distributed_type", "zero_stage", "mixed_precision")
 
 
 def _short_metrics(metrics: dict[str, Any]) -> str:

@@ -16,6 +16,8 @@ from align.console import StageProgress
 from align.data import SFT_NEEDS, with_system_prompt
 from align.models import (
     all_finite,
+    count_parameters,
+    full_parameters,
     load_causal_lm,
     load_tokenizer,
     load_trainable,
@@ -215,9 +217,11 @@ def save_trained_model(trainer: Any, tokenizer: Any, out_dir: Path, lora: LoraSp
     """On the main process, save the trained model (the adapter, or merged if `lora.merge`) as the
     stage's model artifact, in the dtype `start` asks for (default: its checkpoint's), and drop the
     trainer's scratch checkpoints."""
-    if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, out_dir, merge=bool(lora and lora.merge), dtype=save_dtype(start))
-        shutil.rmtree(work_dir, ignore_errors=True)
+    with full_parameters(trainer.model):  # every rank: under ZeRO-3 the shards are gathered for the save
+        if trainer.is_world_process_zero():
+            save_model(trainer.model, tokenizer, out_dir, merge=bool(lora and lora.merge), dtype=save_dtype(start))
+            shutil.rmtree(work_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
 
 
 def metrics_callback(writer: MetricsWriter) -> Any:
@@ -291,11 +295,12 @@ def run_sft(
     train = prepare_sft_dataset(train, system_prompt)
     evaluation = prepare_sft_dataset(evaluation, system_prompt) if evaluation is not None else None
     tokenizer = load_tokenizer(student, padding_side="right")
+    work_dir = ctx.artifact("trainer")
+    # The TRL config first: under ZeRO-3 with zero3_init_flag, only a model loaded after it is partitioned at load.
+    args = trl_config(config, work_dir, trl_class, eval_strategy="steps" if evaluation is not None else "no")
     trainable = load_trainable(student, lora, precision=config.precision())
     use_stop_tokens(trainable.model, tokenizer, student)  # saved with the model: it stops where its turns end
-    num_params = sum(p.numel() for p in trainable.model.parameters())
-    work_dir = ctx.artifact("trainer")
-    args = trl_config(config, work_dir, trl_class, eval_strategy="steps" if evaluation is not None else "no")
+    num_params = count_parameters(trainable.model)
     trainer = make_trainer(SFTTrainer, trainable, args, tokenizer, ctx, train, evaluation)
     logger.info("%s: %d examples, %s", config.type, len(train), "LoRA" if lora else "full fine-tune")
     result = fit(trainer, ctx.metrics.path)

@@ -20,7 +20,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (3, ("align.stages",)),
     (2, ("align.recipe.checks",)),
     (1, ("align.models", "align.data", "align.generation", "align.rewards", "align.training", "align.rl",
-         "align.tracking", "align.report", "align.chat", "align.catalog")),
+         "align.tracking", "align.report", "align.chat", "align.catalog", "align.launch_config")),
     (0, ("align.paths", "align.precision", "align.preempt", "align.checkpoints", "align.artifacts", "align.console", "align.embedded", "align.recipe")),
 ]
 

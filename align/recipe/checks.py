@@ -70,9 +70,17 @@ class CheckContext:
         return None
 
     def processes(self, stage: StageConfig) -> int:
-        """How many processes the stage's launcher starts (1 unless it says otherwise)."""
+        """How many processes the stage's launcher starts: the recipe's `num_processes`, else its
+        accelerate config file's, else 1 (a file that cannot be read is reported with the launcher)."""
+        from align.launch_config import LaunchConfigError, read_launch_config
+
         launcher = stage.launcher or self.header.launcher
-        return launcher.num_processes or 1
+        if launcher.type != "accelerate":
+            return 1
+        try:
+            return read_launch_config(launcher, self.base_dir, strict=False).num_processes
+        except LaunchConfigError:
+            return launcher.num_processes or 1
 
     # ---- data -------------------------------------------------------------------------------------
 

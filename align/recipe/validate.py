@@ -229,8 +229,11 @@ def validate_data(
             add(("report_to",), message)
         problems.extend(_check_launcher(header.launcher, ("launcher",), base_dir, located))
         for i, stage in enumerate(typed.values()):
-            if stage.launcher is not None:
-                problems.extend(_check_launcher(stage.launcher, ("stages", i, "launcher"), base_dir, located))
+            # Each stage against the launch it gets (precision, DeepSpeed batch); the config file's own
+            # problems come out identical for every stage that shares it and are listed once.
+            own = stage.launcher is not None
+            path: KeyPath = ("stages", i, "launcher") if own else ("launcher",)
+            problems.extend(_check_launcher(stage.launcher or header.launcher, path, base_dir, located, stage))
         if check_models:
             problems.extend(_model_problems(header.model, ("model",), base_dir, located))
 
@@ -246,8 +249,8 @@ def _model_problems(spec: ModelSpec, path: KeyPath, base_dir: Path, located: Loc
     return [Problem((*path, "name_or_path"), message, located.line_of(path))] if message else []
 
 
-def _check_launcher(spec: Any, path: KeyPath, base_dir: Path, located: LocatedYAML) -> list[Problem]:
-    return [Problem((*path, *rel), msg, located.line_of((*path, *rel))) for rel, msg in launcher_problems(spec, base_dir)]
+def _check_launcher(spec: Any, path: KeyPath, base_dir: Path, located: LocatedYAML, stage: StageConfig | None = None) -> list[Problem]:
+    return [Problem((*path, *rel), msg, located.line_of((*path, *rel))) for rel, msg in launcher_problems(spec, base_dir, stage)]
 
 
 def load_recipe(

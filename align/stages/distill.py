@@ -53,6 +53,7 @@ from align.data import (
 from align.generation import load_sampler
 from align.models import (
     checkpoint_parameter_count,
+    count_parameters,
     device,
     load_causal_lm,
     load_tokenizer,
@@ -60,7 +61,7 @@ from align.models import (
     resolve_model_path,
     vocabulary_mismatch,
 )
-from align.preempt import Interrupted, signal_name, stop_requested
+from align.preempt import Interrupted, signal_name, stop_agreed
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, Model, ModelSpec, SamplingKnobs, TrlStageConfig
 from align.training import (
@@ -192,7 +193,7 @@ def trace_source(config: Config, columns: list[str]) -> Literal["teacher", "data
 def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: StageContext) -> tuple[Any, dict[str, Any]]:
     """Sample the teacher's traces for every prompt; return them as a prompt/completion dataset (the
     prompt's other columns kept) and figures about them. Written to `traces.jsonl` a chunk at a time
-    (by the first process: under accelerate every process samples the same traces), so a resumed
+    (by the first process: under accelerate each samples its share and all get every trace), so a resumed
     stage samples only the chunks not yet committed; each chunk has its own seed, so the traces are
     those of an uninterrupted run."""
     from datasets import Dataset
@@ -213,7 +214,7 @@ def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: Stage
             for chunk_no, start in enumerate(chunks):
                 if chunk_no < chunks_done:
                     continue
-                if stop_requested():
+                if stop_agreed():  # every rank stops at the same chunk: the next one's gather would hang
                     raise Interrupted(f"stopped by {signal_name()} after trace chunk {chunk_no} of {len(chunks)}")
                 rows = dataset.select(range(start, min(start + config.chunk_size, len(dataset)))).to_list()
                 prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
@@ -296,12 +297,13 @@ def _train_logit(config: Config, ctx: StageContext, teacher: ModelSpec, train: A
     train = prepare_sft_dataset(train, config.system_prompt)
     tokenizer = load_tokenizer(config.student, padding_side="right")
     precision = config.precision()
+    work_dir = ctx.artifact("trainer")
+    args = trl_config(config, work_dir)  # first: ZeRO-3 partitions only models loaded after it
     trainable = load_trainable(config.student, config.lora, precision=precision)
-    student_params = sum(p.numel() for p in trainable.model.parameters())  # before LoRA adds its own
+    student_params = count_parameters(trainable.model)  # before LoRA adds its own
     teacher_model = load_causal_lm(teacher, precision=precision).to(device()).eval()
     _check_shared_vocabulary(load_tokenizer(teacher), tokenizer, teacher_model, trainable.model)
-    work_dir = ctx.artifact("trainer")
-    trainer = GKDTrainer(model=trainable.model, teacher_model=teacher_model, args=trl_config(config, work_dir),
+    trainer = GKDTrainer(model=trainable.model, teacher_model=teacher_model, args=args,
                          train_dataset=_as_messages(train), processing_class=tokenizer, peft_config=trainable.peft_config,
                          callbacks=[metrics_callback(ctx.metrics), guard_callback()])  # fmt: skip
     attach_console(trainer, ctx)
@@ -309,4 +311,4 @@ def _train_logit(config: Config, ctx: StageContext, teacher: ModelSpec, train: A
     result = fit(trainer, ctx.metrics.path)
     metrics = final_train_metrics(trainer, result)
     save_trained_model(trainer, tokenizer, ctx.artifact(ARTIFACTS["model"]), config.lora, work_dir, config.student)
-    return metrics, student_params, sum(p.numel() for p in teacher_model.parameters())
+    return metrics, student_params, count_parameters(teacher_model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -138,5 +139,6 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     pass_k = sorted(set(config.pass_k or [1, config.num_samples]))
     maj_k = sorted(set(config.maj_k if config.maj_k is not None else ([config.num_samples] if config.num_samples > 1 else [])))
     metrics, records = score(prompts, solutions, samples, pass_k, maj_k)
-    write_jsonl(records, ctx.artifact(ARTIFACTS["predictions"]))
+    if os.environ.get("RANK", "0") == "0":  # data parallel: every rank has every sample, one writes
+        write_jsonl(records, ctx.artifact(ARTIFACTS["predictions"]))
     return {**metrics, **ledger.metrics()}

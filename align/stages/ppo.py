@@ -60,8 +60,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -82,6 +85,7 @@ from align.data import RowLedger, chat_prompt, load_dataset
 from align.generation import encode_prompts, eos_and_pad_ids, generate_rollout
 from align.models import (
     device,
+    full_parameters,
     load_causal_lm,
     load_tokenizer,
     load_trainable,
@@ -420,6 +424,37 @@ def _mean(accelerator: Any, values: Tensor) -> float:
     return float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
 
 
+def _deepspeed_plugin(config: Config) -> Any:
+    """The DeepSpeed plugin `accelerate launch` asked for (None without one), with what DeepSpeed
+    would otherwise take from a trainer: gradient clipping is the engine's (Accelerate's
+    `clip_grad_norm_` only reports the norm under DeepSpeed)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin()
+    if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = config.max_grad_norm
+    return plugin
+
+
+@contextmanager
+def _whole_models(plugin: Any) -> Iterator[None]:
+    """Models loaded inside are not partitioned by ZeRO-3's zero.Init."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if plugin is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    # Accelerate's zero3_init_context_manager(enable=False) keeps a stage-3 config alive, and
+    # transformers partitions at load whenever one is: the config goes for the length of the load.
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def _backward_ppo_losses(actor_critic: nn.Module, backward: Any, micro_batch: tuple[Any, ...], config: Config,
                          actor_weight: float, *, one_backward: bool) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """Clipped policy and value losses of one micro-batch, back-propagated; returns them and their stats.
@@ -486,8 +521,18 @@ class PPORun:
         # Accelerate keeps one process-wide state: an earlier in-process stage may have set another
         # mixed precision, which Accelerator() would refuse to change (transformers' Trainer resets it too).
         AcceleratorState._reset_state()
+        # Under `accelerate launch` with a DeepSpeed config: Accelerator(cpu=True) would silently drop
+        # the plugin and run plain DDP, so on the CPU DeepSpeed is handed its plugin explicitly.
+        plugin = _deepspeed_plugin(config)
+        if plugin is not None and device() == "cpu":
+            from accelerate import PartialState
+
+            # As transformers' TrainingArguments(use_cpu=True) does: the process group over gloo first
+            # (left to DeepSpeed on the CPU it sees a world of one), then the DeepSpeed state on top.
+            PartialState(cpu=True, backend="gloo")
         self.accelerator = accelerator = Accelerator(
-            cpu=device() == "cpu",
+            cpu=device() == "cpu" and plugin is None,  # with a plugin, cpu=True would drop it
+            deepspeed_plugin=plugin,
             mixed_precision=precision.mixed,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=trackers or None,
@@ -504,12 +549,15 @@ class PPORun:
         _disable_dropout(policy)  # after LoRA is applied: its dropout too would make ratio ≠ 1 at the start
         # With LoRA the reference is the policy with its adapter disabled: no second copy. Otherwise a copy
         # in the policy's own dtype, so that under the same autocast the KL starts at exactly 0.
-        self.reference = (None if config.lora else load_causal_lm(config.model, precision=precision, trainable=True)
-                          .requires_grad_(False).eval().to(accelerator.device))
-        self.scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight, base_dir=ctx.base_dir,
-                                   reward_model_batch_size=config.local_rollout_forward_batch_size, precision=precision,
-                                   seed=ctx.seed, max_rule_failure_rate=config.max_rule_failure_rate,
-                                   rule_failure_min_samples=config.rule_failure_min_samples)  # fmt: skip
+        # The frozen models are whole on every rank, also under ZeRO-3 (no engine runs them; they are
+        # the same size as the policy): loaded outside zero.Init.
+        with _whole_models(plugin):
+            self.reference = (None if config.lora else load_causal_lm(config.model, precision=precision, trainable=True)
+                              .requires_grad_(False).eval().to(accelerator.device))
+            self.scorer = Scorer.build(config.rewards, config.reward_model, config.reward_model_weight,
+                                       base_dir=ctx.base_dir, reward_model_batch_size=config.local_rollout_forward_batch_size,
+                                       precision=precision, seed=ctx.seed, max_rule_failure_rate=config.max_rule_failure_rate,
+                                       rule_failure_min_samples=config.rule_failure_min_samples)  # fmt: skip
         critic = load_trainable(config.value_model or config.reward_model or config.model, config.value_lora,
                                 precision=precision, task="sequence_classification", seed=ctx.seed,
                                 wrap_lora=True).model  # fmt: skip
@@ -543,10 +591,15 @@ class PPORun:
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
                                   num_warmup_steps=warmup_step_count(config.warmup_steps, self.total_steps),
                                   num_training_steps=self.total_steps)
-        if accelerator.state.deepspeed_plugin is not None:
+        if plugin is not None:
             # DeepSpeed takes its micro-batch size from a prepared dataloader, and PPO has none.
-            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.micro
-        self.actor_critic, self.optimizer, self.scheduler = accelerator.prepare(actor_critic, optimizer, scheduler)
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.micro
+        # The schedule is NOT prepared: Accelerate's wrapper steps it once per process per call (N× too
+        # fast with N processes) and under DeepSpeed the engine would step it at every optimizer step;
+        # it is one PPO step per step here, on every engine, and checkpointed with the rest.
+        self.actor_critic, self.optimizer = accelerator.prepare(actor_critic, optimizer)
+        self.scheduler = scheduler
+        accelerator.register_for_checkpointing(scheduler)
         self.actor_params = groups[0]["params"]
         # A DDP or DeepSpeed engine expects one backward per step; alone, the two passes halve peak memory.
         self.one_backward = accelerator.distributed_type != DistributedType.NO
@@ -589,7 +642,9 @@ class PPORun:
         import torch
 
         config = self.config
-        with torch.no_grad(), self.accelerator.autocast():
+        # Under ZeRO-3 the shards are gathered for the length of the generation: ranks generate
+        # different lengths, so a layer-by-layer fetch (collective per forward) would hang.
+        with torch.no_grad(), self.accelerator.autocast(), full_parameters(self.unwrapped()):
             out = generate_rollout(self.unwrapped().policy, queries, chunk_size=config.local_rollout_forward_batch_size,
                                    max_new_tokens=config.response_length, eos_ids=self.eos_ids, pad_id=self.pad_id,
                                    temperature=temperature)  # fmt: skip
@@ -679,17 +734,26 @@ class PPORun:
 
     def evaluate(self) -> dict[str, float]:
         """Greedy responses scored by the reward(s); sampled responses for KL to the reference."""
+        import torch
+
         from align.rl.functional import kl_penalty, masked_sum
 
         table, accelerator = self.eval_table, self.accelerator
         assert table is not None
-        rows = list(range(accelerator.process_index, len(table[0]), accelerator.num_processes))
+        # The same number of rows on every rank (under ZeRO-3 every forward is collective, and a rank
+        # with no rows would have nothing to run): the last ranks repeat rows, scored NaN, left out.
+        count, ranks = len(table[0]), accelerator.num_processes
+        slots = range(accelerator.process_index, -(-count // ranks) * ranks, ranks)
+        rows = [slot % count for slot in slots]
+        padding = torch.tensor([slot >= count for slot in slots])
         queries = [table[1][i] for i in rows]
         batch, responses, mask, _, texts = self.rollout(queries, 0.0)
         scores, parts = self.score(rows, texts, responses, mask, table)
         batch, responses, mask, _, _ = self.rollout(queries, self.config.temperature)
         logp, ref_logp, _, _ = self.forward_in_chunks(batch, responses, with_values=False)
-        kl = masked_sum(kl_penalty(logp, ref_logp, "k1"), mask, dim=1)
+        kl = masked_sum(kl_penalty(logp, ref_logp, "k1"), mask, dim=1).detach().float().cpu()
+        for values in (scores, kl, *parts.values()):
+            values[padding] = math.nan
         out = {"score": _mean(accelerator, scores), "kl": _mean(accelerator, kl)}
         out.update({f"score/{k}": _mean(accelerator, v) for k, v in parts.items()})
         return out
@@ -805,7 +869,7 @@ class PPORun:
             if not all(bool(torch.isfinite(sums[k])) for k in ("policy_loss", "value_loss")):
                 raise TrainingDiverged(f"the PPO loss is not finite at step {step} (learning rate too high?); the last "
                                        "complete checkpoint before it stays")
-            learning_rate = self.scheduler.get_last_lr()[0]
+            learning_rate = float(self.optimizer.param_groups[0]["lr"])  # what the step used, as the engine holds it
             self.scheduler.step()
             mean_kl = _mean(accelerator, experience.stats["kl"])
             if config.max_kl is not None and mean_kl > config.max_kl:
@@ -843,10 +907,12 @@ class PPORun:
         accelerator.wait_for_everyone()
         for tracker in accelerator.trackers:  # not end_training(): it also tears down the process group
             tracker.finish()
-        if self.is_main:
-            save_model(self.unwrapped().policy, self.tokenizer, self.ctx.artifact(ARTIFACTS["model"]),
-                       merge=bool(config.lora and config.lora.merge), dtype=save_dtype(config.model))
-            shutil.rmtree(self.work_dir, ignore_errors=True)  # the checkpoints: the stage is done
+        with full_parameters(self.unwrapped()):  # every rank: ZeRO-3's shards are gathered for the save
+            if self.is_main:
+                save_model(self.unwrapped().policy, self.tokenizer, self.ctx.artifact(ARTIFACTS["model"]),
+                           merge=bool(config.lora and config.lora.merge), dtype=save_dtype(config.model))
+                shutil.rmtree(self.work_dir, ignore_errors=True)  # the checkpoints: the stage is done
+        accelerator.wait_for_everyone()
         return {
             "steps": self.total_steps,
             "episodes": self.total_steps * self.global_batch,

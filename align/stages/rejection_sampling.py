@@ -58,7 +58,7 @@ from align.console import StageProgress
 from align.data import SFT_NEEDS, Needs, RowLedger, chat_prompt, load_dataset
 from align.generation import load_sampler
 from align.models import resolve_model_path
-from align.preempt import Interrupted, signal_name, stop_requested
+from align.preempt import Interrupted, signal_name, stop_agreed
 from align.recipe.checks import CheckContext
 from align.recipe.errors import did_you_mean
 from align.recipe.schema import Data, Model, RewardSpec, RuleFailureKnobs, SamplingKnobs, StageConfig
@@ -189,10 +189,6 @@ def check(config: Config, ctx: CheckContext) -> None:
         if columns is not None and sft_layout(columns) not in SFT_LAYOUTS[:2]:
             ctx.error(("mix_dataset", "path"), f"mix dataset '{config.mix_dataset.path}' needs columns messages or "
                       f"prompt+completion; it has: {', '.join(sorted(columns))}")
-    launcher = config.launcher or ctx.header.launcher
-    if launcher.type == "accelerate" and ctx.processes(config) > 1:
-        ctx.error(("launcher",), "rejection_sampling runs in one process (launcher inprocess or subprocess); "
-                  "spread a big model over GPUs with use_vllm and vllm_tensor_parallel_size")
 
 
 def output_columns(config: Config) -> set[str] | None:
@@ -479,10 +475,6 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     import random
 
     assert config.model is not None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Every process would sample the same prompts and write the same files over each other.
-        raise RuntimeError("rejection_sampling runs in one process; use launcher inprocess or subprocess "
-                           "(with use_vllm and vllm_tensor_parallel_size for several GPUs)")
     model_spec = config.model
     ledger = RowLedger()  # rows dropped under on_bad_rows: skip
     dataset = load_dataset(config.dataset, ctx.base_dir, ctx.seed, need=prompt_needs(config.rewards, ctx.base_dir),
@@ -502,7 +494,10 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     columns = [c for c in dataset.column_names if c != "prompt" and c not in REPLACED_COLUMNS | written]
     chunks = range(0, len(dataset), config.chunk_size)
     bar = StageProgress(ctx.out_dir, ctx.name, len(dataset) * config.num_generations, unit="sample", phase="sampling")
-    with ChunkedJsonl(ctx.out_dir, [ARTIFACTS["dataset"], ARTIFACTS["rejected_prompts"]]) as files, bar:
+    # Data parallel under a multi-process launch: each rank samples its share of a chunk (the sampler
+    # gathers them), every rank scores and tallies the whole chunk alike, the first one writes.
+    writer = os.environ.get("RANK", "0") == "0"
+    with ChunkedJsonl(ctx.out_dir, [ARTIFACTS["dataset"], ARTIFACTS["rejected_prompts"]], writer=writer) as files, bar:
         # A resumed stage continues after its last committed chunk, with the counts as they were then;
         # each chunk's sampling seed is its own, so the rows are those of an uninterrupted run.
         chunks_done, state = files.open()
@@ -516,7 +511,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
         for chunk_no, start in enumerate(chunks):
             if chunk_no < chunks_done:
                 continue
-            if stop_requested():
+            if stop_agreed():  # every rank stops at the same chunk: the next one's gather would hang
                 raise Interrupted(f"stopped by {signal_name()} after chunk {chunk_no} of {len(chunks)}")
             rows = dataset.select(range(start, min(start + config.chunk_size, len(dataset)))).to_list()
             prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]

@@ -158,13 +158,14 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
     evaluation = (_prepare(load_dataset(config.eval_dataset, ctx.base_dir, ctx.seed, need=need, ledger=ledger,
                                         key="eval_dataset"), config) if config.eval_dataset else None)  # fmt: skip
     tokenizer = load_tokenizer(config.model, padding_side="right")
+    work_dir = ctx.artifact("trainer")
+    args = trl_config(config, work_dir)  # first: ZeRO-3 partitions only models loaded after it
     trainable = load_trainable(config.model, config.lora, precision=config.precision(), task="sequence_classification",
                                seed=ctx.seed)  # fmt: skip
     trainable.model.config.pad_token_id = tokenizer.pad_token_id
-    work_dir = ctx.artifact("trainer")
     trainer = _weighted_trainer(
         model=trainable.model,
-        args=trl_config(config, work_dir),
+        args=args,
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,

@@ -365,3 +365,38 @@ def test_inf_rule_scores_never_reach_the_loss(tmp_path: Path) -> None:
     assert math.isfinite(metrics["first_score"]) and math.isfinite(metrics["last_score"])
     for row in step_rows(rows):
         assert row["score/spiky"] == 1.0 and math.isfinite(row["policy_loss"]) and math.isfinite(row["value_loss"])
+
+
+def test_lora_rollouts_come_from_the_updated_adapter(tmp_path: Path) -> None:
+    """The stale-policy bug (rollouts from the weights of before an update — a classic with LoRA and a
+    separate generation engine), caught on the HF path: change the adapter as an update would, and
+    the next rollout must be the changed policy's greedy continuation, not the old one's."""
+    from align import artifacts as art
+    from align.runner import effective_config
+    from align.stages.ppo import PPORun
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    recipe = load_recipe(path, ["stages.ppo.lora={r: 8, lora_alpha: 16}", "stages.ppo.eval_dataset=null",
+                                "stages.ppo.save_strategy=no"])  # fmt: skip
+    config = effective_config(recipe, recipe.stages[0])
+    out_dir = tmp_path / "stage"
+    out_dir.mkdir()
+    ctx = art.StageContext(tmp_path, out_dir, recipe.base_dir, 0, art.MetricsWriter(out_dir / art.METRICS))
+    ppo = PPORun(config, ctx)
+    queries = [ppo.table[1][0], ppo.table[1][1]]
+    _, before, _, _, _ = ppo.rollout(queries, 0.0)
+    with torch.no_grad():
+        for name, param in ppo.unwrapped().policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param))  # an update, larger than any one step would make
+    _, after, _, _, _ = ppo.rollout(queries, 0.0)
+    assert not torch.equal(before, after)
+    policy = ppo.unwrapped().policy
+    with torch.no_grad():  # the updated policy's own greedy continuation, token by token
+        ids = torch.tensor([queries[0]])
+        for _ in range(after.shape[1]):
+            ids = torch.cat([ids, policy(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    generated = ids[0, len(queries[0]):]
+    stop = int(after[0].ne(ppo.pad_id).sum())
+    assert generated[:stop].tolist() == after[0, :stop].tolist()

@@ -173,7 +173,6 @@ def problems(tmp_path: Path, *overrides: str) -> dict[str, str]:
         ("stages.rs.rewards=[{rule: acuracy}]", "stages[0].rewards[0].rule", "Did you mean 'accuracy'?"),
         ("stages.rs.reward_model=./no/such/rm", "stages[0].reward_model.name_or_path", "not found"),
         ("stages.rs.num_generations=0", "stages[0].num_generations", "greater than 0"),
-        ("stages.rs.launcher={type: accelerate, num_processes: 2}", "stages[0].launcher", "runs in one process"),
         ("stages.rs.pair_margin=1.0", "stages[0].pair_margin", "only applies to output: pairs"),
         (("stages.rs.output=pairs", "stages.rs.keep=best_of_n"), "stages[0].keep", "only applies to output: sft"),
         (("stages.rs.output=pairs", "stages.rs.num_generations=1"), "stages[0].num_generations", "at least 2 samples"),
