@@ -120,7 +120,7 @@ def accelerate_launch(spec: LauncherSpec, stage_dir: Path, base_dir: Path, mixed
         settings["deepspeed_config"] = {**settings["deepspeed_config"], "deepspeed_config_file": str(config.deepspeed_config_file)}
     notes: list[str] = []
     processes = config.num_processes
-    distributed = str(settings.get("distributed_type") or ("MULTI_GPU" if processes > 1 else "NO")).upper()
+    distributed = config.distributed_type.upper()
     if distributed == "NO" and processes > 1:
         distributed = "MULTI_GPU"  # `accelerate launch --num_processes 2` alone would start ONE process
     if distributed == "MULTI_CPU":
@@ -139,7 +139,7 @@ def accelerate_launch(spec: LauncherSpec, stage_dir: Path, base_dir: Path, mixed
             notes.append("no GPU here: DDP on the CPU over gloo (ACCELERATE_USE_CPU=1)")
         elif distributed == "DEEPSPEED":
             notes.append("no GPU here: DeepSpeed on its CPU accelerator over gloo (the trainer gets use_cpu)")
-    if settings.get("mixed_precision", "no") != mixed_precision and (spec.config_file or mixed_precision != "no"):
+    if spec.config_file and settings.get("mixed_precision", "no") != mixed_precision:
         notes.append(f"mixed_precision {mixed_precision} (the stage's precision; the config file said "
                      f"{settings.get('mixed_precision', 'nothing')})")
     effective = {**settings, "distributed_type": distributed, "num_processes": processes,
@@ -156,9 +156,6 @@ def accelerate_launch(spec: LauncherSpec, stage_dir: Path, base_dir: Path, mixed
                          rdzv_backend=effective.get("rdzv_backend") or "static")  # fmt: skip
         if machines.main_process_port:
             effective["main_process_port"] = machines.main_process_port
-    if distributed == "DEEPSPEED":
-        # DeepSpeed's own mixed precision must match the trainer's; Accelerate copies this into it.
-        effective.setdefault("deepspeed_config", {})
     # Every machine writes its own (the scratch folder is shared): they differ in machine_rank.
     path = stage_dir / (LAUNCH_CONFIG if machines.is_main else f"accelerate_config.machine{machines.machine_rank}.yaml")
     path.write_text(yaml.safe_dump(effective, sort_keys=True), encoding="utf-8")
@@ -178,7 +175,7 @@ def stage_command(spec: LauncherSpec, stage_dir: Path, base_dir: Path, mixed_pre
     return launch
 
 
-def stage_precision(stage_dir: Path) -> str:
+def stage_mixed_precision(stage_dir: Path) -> str:
     """The mixed precision the stage computes in ("no", "bf16", "fp16"), from its prepared config."""
     config, _, _ = read_stage_config(stage_dir)
     return config.precision().mixed if isinstance(config, TrainingKnobs) else "no"
@@ -196,7 +193,7 @@ def launch_stage(spec: LauncherSpec, stage_dir: Path, base_dir: Path, machines: 
     if spec.type == "inprocess":
         execute_stage(stage_dir)
         return
-    mixed = stage_precision(stage_dir) if spec.type == "accelerate" else "no"
+    mixed = stage_mixed_precision(stage_dir) if spec.type == "accelerate" else "no"
     launch = stage_command(spec, stage_dir, base_dir, mixed, machines if spans_machines(spec, machines) else ONE_MACHINE)
     env = {k: v for k, v in {**os.environ, **launch.env}.items() if k not in launch.unset}
     # Several ranks on few cores oversubscribe OpenMP badly (10–20× slower); one thread each unless told.
