@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from align.paths import resolve_user_path
+from align.preempt import Interrupted, signal_name, stop_agreed
 from align.recipe.schema import DataSpec
 
 logger = logging.getLogger("align")
@@ -877,3 +878,16 @@ def prepare_preference_pairs(
         if isinstance(dataset[0][targets[0]], list):
             dataset = dataset.map(lambda row: {c: with_system_prompt(row[c], system_prompt) for c in targets})
     return dataset
+
+
+def pending_chunks(dataset: Any, chunk_size: int, chunks_done: int, what: str = "chunk") -> Iterator[tuple[int, int, list[dict[str, Any]]]]:
+    """(chunk number, first row, rows) of each chunk of `dataset` after the `chunks_done` a resumed
+    stage already committed. Before each, the ranks agree on whether a signal asked to stop (the next
+    chunk's gather would hang a rank that stopped alone) and stop together (`Interrupted`)."""
+    chunks = range(0, len(dataset), chunk_size)
+    for chunk_no, start in enumerate(chunks):
+        if chunk_no < chunks_done:
+            continue
+        if stop_agreed():
+            raise Interrupted(f"stopped by {signal_name()} after {what} {chunk_no} of {len(chunks)}")
+        yield chunk_no, start, dataset.select(range(start, min(start + chunk_size, len(dataset)))).to_list()

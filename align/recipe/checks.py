@@ -140,14 +140,16 @@ class CheckContext:
                 )
 
     def check_preference_data(self, spec: DataSpec | None, rel_path: KeyPath, ranking_column: str = "ranking") -> None:
-        """The dataset holds preference pairs (chosen/rejected) or rankings (prompt + a best-first list)."""
-        from align.data import preference_layout_problem
+        """The dataset holds preference pairs (chosen/rejected) or rankings (prompt + a best-first list),
+        and its first rows are usable as such."""
+        from align.data import preference_layout_problem, preference_needs
 
         if spec is None:
             return
         columns = self.dataset_columns(spec, rel_path)
         if columns is not None and (problem := preference_layout_problem(columns, spec.path, ranking_column)):
             self.error((*rel_path, "path"), problem)
+        self.check_rows(spec, rel_path, preference_needs(ranking_column))
 
     # ---- rewards ----------------------------------------------------------------------------------
 

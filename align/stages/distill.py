@@ -49,6 +49,7 @@ from align.data import (
     chat_prompt,
     load_dataset,
     message_text,
+    pending_chunks,
 )
 from align.generation import load_sampler
 from align.models import (
@@ -61,7 +62,6 @@ from align.models import (
     resolve_model_path,
     vocabulary_mismatch,
 )
-from align.preempt import Interrupted, signal_name, stop_agreed
 from align.recipe.checks import CheckContext
 from align.recipe.schema import Data, LoraSpec, Model, ModelSpec, SamplingKnobs, TrlStageConfig
 from align.training import (
@@ -211,12 +211,7 @@ def _teacher_traces(config: Config, teacher: ModelSpec, dataset: Any, ctx: Stage
         sample = load_sampler(teacher, config, seed=ctx.seed) if chunks_done < len(chunks) else None
         total = len(dataset) * config.num_generations
         with StageProgress(ctx.out_dir, ctx.name, total, unit="sample", phase="traces") as bar:
-            for chunk_no, start in enumerate(chunks):
-                if chunk_no < chunks_done:
-                    continue
-                if stop_agreed():  # every rank stops at the same chunk: the next one's gather would hang
-                    raise Interrupted(f"stopped by {signal_name()} after trace chunk {chunk_no} of {len(chunks)}")
-                rows = dataset.select(range(start, min(start + config.chunk_size, len(dataset)))).to_list()
+            for chunk_no, start, rows in pending_chunks(dataset, config.chunk_size, chunks_done, "trace chunk"):
                 prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
                 done = start * config.num_generations
                 assert sample is not None

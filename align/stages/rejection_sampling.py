@@ -55,10 +55,9 @@ from pydantic import Field, PositiveInt, PrivateAttr, model_validator
 
 from align.artifacts import ChunkedJsonl, StageContext
 from align.console import StageProgress
-from align.data import SFT_NEEDS, Needs, RowLedger, chat_prompt, load_dataset
+from align.data import SFT_NEEDS, Needs, RowLedger, chat_prompt, load_dataset, pending_chunks
 from align.generation import load_sampler
 from align.models import resolve_model_path
-from align.preempt import Interrupted, signal_name, stop_agreed
 from align.recipe.checks import CheckContext
 from align.recipe.errors import did_you_mean
 from align.recipe.schema import Data, Model, RewardSpec, RuleFailureKnobs, SamplingKnobs, StageConfig
@@ -508,12 +507,7 @@ def run(config: Config, ctx: StageContext) -> dict[str, Any]:
             bar.update(min(chunks_done * config.chunk_size, len(dataset)) * config.num_generations)
             logger.info("rejection_sampling: resuming after %d of %d chunks (%d samples kept so far)", chunks_done,
                         len(chunks), tally.accepted)  # fmt: skip
-        for chunk_no, start in enumerate(chunks):
-            if chunk_no < chunks_done:
-                continue
-            if stop_agreed():  # every rank stops at the same chunk: the next one's gather would hang
-                raise Interrupted(f"stopped by {signal_name()} after chunk {chunk_no} of {len(chunks)}")
-            rows = dataset.select(range(start, min(start + config.chunk_size, len(dataset)))).to_list()
+        for chunk_no, start, rows in pending_chunks(dataset, config.chunk_size, chunks_done):
             prompts = [chat_prompt(row["prompt"], config.system_prompt, config.conversational) for row in rows]
             conversational = not isinstance(prompts[0], str)
             began = time.perf_counter()

@@ -70,8 +70,6 @@ class Config(TrlStageConfig):
 def check(config: Config, ctx: CheckContext) -> None:
     ctx.check_preference_data(config.dataset, ("dataset",), config.ranking_column)
     ctx.check_preference_data(config.eval_dataset, ("eval_dataset",), config.ranking_column)
-    for key in ("dataset", "eval_dataset"):
-        ctx.check_rows(getattr(config, key), (key,), preference_needs(config.ranking_column))
     ctx.check_lora(config.lora)
     ctx.check_context(ctx.model_spec(config), config, ("max_length",))
 
